@@ -1,0 +1,585 @@
+"""
+The Conditional Cross Attention network (CCA, Song et al., ICCV 2023) on the R50+ViT-B/16 hybrid.
+
+One backbone, one embedding space per attribute ("condition"): blocks 1..L-1 of a vision
+transformer are a shared trunk; the last block L is a cross-attention block whose query is a
+learned condition token (paper eq. 2-6); the [CLS] output goes through FC and L2 norm (eq. 7).
+
+    from cca import CCA, CCAConfig, load_pretrained
+    model = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=2))
+    load_pretrained(model, "R50+ViT-B_16.npz")    # or timm's .safetensors / .bin / .pth
+    emb = model(images, conditions)                # (B, out_dim), unit norm
+    all_emb = model.embed_all(images)              # (B, K, out_dim): trunk once, every condition
+
+Convert pretrained weights once into a checkpoint that training starts from:
+
+    python cca.py convert R50+ViT-B_16.npz vit_r50_b16_224.pt --img-size 224
+
+Parameter names follow timm's `vit_base_r50_s16_224`, so a timm state dict loads strictly.
+"""
+
+import argparse
+import json
+import math
+import os
+import struct
+import zipfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# configuration
+
+# The sizes of each architecture. "vit_r50_b16" is the paper's backbone (ViT paper, R50+ViT-B/16);
+# "tiny" is the same hybrid structure scaled down so that it trains in minutes on a laptop CPU.
+ARCH_SIZES = {
+    "vit_r50_b16": dict(layers=(3, 4, 9), stem_width=64, gn_groups=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
+    "tiny": dict(layers=(1, 1), stem_width=16, gn_groups=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4),
+}
+
+
+@dataclass
+class CCAConfig:
+    arch: str = "vit_r50_b16"  # a key of ARCH_SIZES
+    num_conditions: int = 8  # K, the number of attributes (FashionAI: 8)
+    condition_type: int = 2  # 1: FC(onehot(c)) (eq. 2); 2: FC(ReLU(M[c])) (eq. 3)
+    img_size: int = 224
+    out_dim: int = 1024  # width of the output embedding (ASEN used 1024)
+
+    def __post_init__(self):
+        if self.arch not in ARCH_SIZES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCH_SIZES)}")
+        if self.condition_type not in (1, 2):
+            raise ValueError(f"condition_type must be 1 or 2, got {self.condition_type}")
+        if self.num_conditions < 1:
+            raise ValueError(f"num_conditions must be positive, got {self.num_conditions}")
+        if self.img_size % self.stride != 0:
+            raise ValueError(f"img_size {self.img_size} must be a multiple of the output stride {self.stride}")
+
+    @property
+    def sizes(self):
+        return ARCH_SIZES[self.arch]
+
+    @property
+    def stride(self):
+        # root conv /2, max-pool /2, then every stage after the first halves the grid
+        return 4 * 2 ** (len(self.sizes["layers"]) - 1)
+
+    @property
+    def grid(self):
+        return self.img_size // self.stride
+
+
+# -----------------------------------------------------------------------------
+# the ResNet stem of the hybrid (non-pre-activation ResNet with weight standardisation)
+
+
+def same_pad(size, kernel, stride):
+    """TensorFlow 'SAME' padding along one axis: (before, after), the extra pixel after."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv with a weight standardised per output channel, TF-SAME padded (BiT / ViT-hybrid).
+
+    A stride-1 odd kernel pads symmetrically, so that case uses the conv's own padding; a strided
+    conv pads asymmetrically (extra pixel right/bottom), which PyTorch's symmetric padding would
+    shift by a pixel against the pretrained weights.
+    """
+
+    def __init__(self, in_ch, out_ch, kernel_size, stride=1, eps=1e-8):
+        super().__init__(in_ch, out_ch, kernel_size, stride, padding=(kernel_size - 1) // 2 if stride == 1 else 0, bias=False)
+        self.eps = eps
+
+    def forward(self, x):
+        w = self.weight
+        # (w - mean) / sqrt(var + eps), biased variance over (in, kh, kw), as timm's port
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) / torch.sqrt(var + self.eps)
+        if self.stride[0] > 1:
+            k, s = self.kernel_size[0], self.stride[0]
+            ph, pw = same_pad(x.shape[-2], k, s), same_pad(x.shape[-1], k, s)
+            x = F.pad(x, (*pw, *ph))
+        return F.conv2d(x, w, None, self.stride, self.padding)
+
+
+class Root(nn.Module):
+    """StdConv 7x7/2 -> GroupNorm -> ReLU -> max-pool 3x3/2 (SAME padding by -inf)."""
+
+    def __init__(self, width, groups):
+        super().__init__()
+        self.conv = StdConv2d(3, width, 7, stride=2)
+        self.norm = nn.GroupNorm(groups, width, eps=1e-5)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.conv(x)))
+        ph, pw = same_pad(x.shape[-2], 3, 2), same_pad(x.shape[-1], 3, 2)
+        x = F.pad(x, (*pw, *ph), value=float("-inf"))
+        return F.max_pool2d(x, 3, 2)
+
+
+class Projection(nn.Module):
+    """The shortcut of a stage's first unit: 1x1 StdConv with the unit's stride, then GroupNorm."""
+
+    def __init__(self, in_ch, out_ch, stride, groups):
+        super().__init__()
+        self.conv = StdConv2d(in_ch, out_ch, 1, stride=stride)
+        self.norm = nn.GroupNorm(groups, out_ch, eps=1e-5)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1, GroupNorm after each conv, ReLU(y + shortcut)."""
+
+    def __init__(self, in_ch, mid, out_ch, stride, groups):
+        super().__init__()
+        self.downsample = Projection(in_ch, out_ch, stride, groups) if (stride != 1 or in_ch != out_ch) else None
+        self.conv1 = StdConv2d(in_ch, mid, 1)
+        self.norm1 = nn.GroupNorm(groups, mid, eps=1e-5)
+        self.conv2 = StdConv2d(mid, mid, 3, stride=stride)
+        self.norm2 = nn.GroupNorm(groups, mid, eps=1e-5)
+        self.conv3 = StdConv2d(mid, out_ch, 1)
+        self.norm3 = nn.GroupNorm(groups, out_ch, eps=1e-5)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        y = self.norm3(self.conv3(y))
+        return F.relu(y + shortcut)
+
+
+class Stage(nn.Module):
+    def __init__(self, in_ch, mid, depth, stride, groups):
+        super().__init__()
+        out_ch = 4 * mid
+        self.blocks = nn.Sequential(*[Bottleneck(in_ch if i == 0 else out_ch, mid, out_ch, stride if i == 0 else 1, groups) for i in range(depth)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class ResNetStem(nn.Module):
+    """The hybrid's CNN: root + stages; output stride 16 for R50 (1024 x 14 x 14 at 224 px)."""
+
+    def __init__(self, layers, width, groups):
+        super().__init__()
+        self.stem = Root(width, groups)
+        stages, in_ch = [], width
+        for i, depth in enumerate(layers):
+            mid = width * 2**i
+            stages.append(Stage(in_ch, mid, depth, 1 if i == 0 else 2, groups))
+            in_ch = 4 * mid
+        self.stages = nn.Sequential(*stages)
+        self.out_channels = in_ch
+
+    def forward(self, x):
+        return self.stages(self.stem(x))
+
+
+class PatchEmbed(nn.Module):
+    """ResNet feature map -> 1x1 conv to the token width -> (B, N, D) tokens."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        s = cfg.sizes
+        self.backbone = ResNetStem(s["layers"], s["stem_width"], s["gn_groups"])
+        self.proj = nn.Conv2d(self.backbone.out_channels, s["embed_dim"], 1)
+
+    def forward(self, x):
+        x = self.proj(self.backbone(x))  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+# -----------------------------------------------------------------------------
+# the transformer (paper eq. 1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with one qkv projection ordered [q | k | v] (eq. 5)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x):
+        B, N, D = x.shape
+        return x.view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+    def key_value(self, x):
+        """Keys and values of the tokens x (B, N, D), each (B, heads, N, head_dim)."""
+        D = x.shape[-1]
+        kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
+        k, v = kv.split(D, dim=-1)
+        return self.heads(k), self.heads(v)
+
+    def query(self, x):
+        """Queries of x (B, M, D) through the query rows of qkv: (B, heads, M, head_dim)."""
+        D = x.shape[-1]
+        return self.heads(F.linear(x, self.qkv.weight[:D], self.qkv.bias[:D]))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, LayerNorm eps 1e-6."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, dim * mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+# -----------------------------------------------------------------------------
+# the conditional parts (paper section 3.2)
+
+
+class ConditionToken(nn.Module):
+    """The condition token q_c, Type-1 (eq. 2) or Type-2 (eq. 3)."""
+
+    def __init__(self, condition_type, num_conditions, dim):
+        super().__init__()
+        self.condition_type = condition_type
+        if condition_type == 1:
+            self.fc = nn.Linear(num_conditions, dim)  # eq. 2: q_c = FC(onehot(c))
+        else:
+            # eq. 3: q_c = FC(ReLU(M[c, :])), M the K x D mask table of CSN, with CSN's initialisation
+            self.mask = nn.Parameter(torch.empty(num_conditions, dim).normal_(mean=0.9, std=0.7))
+            self.fc = nn.Linear(dim, dim)
+
+    def forward(self, c):
+        """c: (...,) long condition indices -> (..., D) condition tokens."""
+        if self.condition_type == 1:
+            # FC(onehot(c)) picks column c of the weight: index it instead of multiplying by a one-hot
+            return self.fc.weight.t()[c] + self.fc.bias
+        return self.fc(F.relu(self.mask[c]))
+
+
+class ConditionalCrossAttentionBlock(Block):
+    """Block L (eq. 6): the block's structure and weights, with the attention's query built from
+    the condition token and the keys and values from the image tokens.
+
+    Eq. 4 repeats q_c to every token position; every query row is then the same vector, so every
+    row of the attention output is too, and only the [CLS] row is read out (eq. 7). One query per
+    condition therefore gives the same [CLS] output (tests/test_cca.py proves it).
+    Where the paper is silent (our decision, SPEC section 1): the condition token is normalised by
+    the block's norm1 and projected by the block's query weights, like a token; the attention output
+    is added to the [CLS] token, then the block's MLP follows.
+    """
+
+    def forward(self, x, q_c):
+        """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
+        k, v = self.attn.key_value(self.norm1(x))  # (B, heads, 1+N, head_dim), computed once for all M conditions
+        q = self.attn.query(self.norm1(q_c))  # (B, heads, M, head_dim)
+        B, M, D = q_c.shape
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, head_dim), eq. 6
+        a = self.attn.proj(a.transpose(1, 2).reshape(B, M, D))
+        cls = x[:, :1] + a  # residual onto [CLS], one row per condition
+        return cls + self.mlp(self.norm2(cls))
+
+    def attention_weights(self, x, q_c):
+        """softmax(Q_c K^T / sqrt(d)) over all 1+N tokens: (B, heads, M, 1+N)."""
+        k, _ = self.attn.key_value(self.norm1(x))
+        q = self.attn.query(self.norm1(q_c))
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+
+
+class CCA(nn.Module):
+    """The Conditional Cross Attention network (paper Fig. 3)."""
+
+    def __init__(self, cfg: CCAConfig):
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.sizes
+        D = s["embed_dim"]
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
+        # blocks 0..L-2 are the shared self-attention trunk; block L-1 is the conditional one.
+        # One list keeps timm's names, so blocks.{L-1} loads the last pretrained block (SPEC section 1).
+        self.blocks = nn.ModuleList([Block(D, s["num_heads"], s["mlp_ratio"]) for _ in range(s["depth"] - 1)])
+        self.blocks.append(ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.condition = ConditionToken(cfg.condition_type, cfg.num_conditions, D)
+        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls))
+        self.init_weights()
+
+    def init_weights(self):
+        # ViT-style initialisation for training from scratch; pretrained weights overwrite all but
+        # the condition token and the head.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.startswith("condition"):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def trunk(self, images):
+        """The shared representation: (B, 1+N, D) tokens after blocks 1..L-1."""
+        x = self.patch_embed(images)  # (B, N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return x
+
+    def embed_tokens(self, x, q_c):
+        """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
+        cls = self.norm(self.blocks[-1](x, q_c))  # (B, M, D)
+        return F.normalize(self.head(cls).float(), dim=-1)  # (B, M, out_dim), eq. 7
+
+    def forward(self, images, conditions):
+        """images (B, 3, H, W), conditions (B,) long -> (B, out_dim) unit-norm embeddings."""
+        q_c = self.condition(conditions)[:, None]  # (B, 1, D), eq. 2/3, one query per image (eq. 4, see the block)
+        return self.embed_tokens(self.trunk(images), q_c)[:, 0]
+
+    def embed_all(self, images):
+        """(B, K, out_dim): every condition's embedding, the trunk and its keys/values computed once."""
+        x = self.trunk(images)
+        q_c = self.condition(torch.arange(self.cfg.num_conditions, device=x.device))  # (K, D)
+        return self.embed_tokens(x, q_c.expand(x.shape[0], -1, -1))
+
+    @torch.no_grad()
+    def attention_maps(self, images, conditions):
+        """(B, heads, N): block L's attention of the condition query over the N patch tokens
+        (the paper's Figure 4). The weights are those of the softmax over all 1+N tokens, the
+        [CLS] entry left out; reshape to (B, heads, grid, grid) for a picture."""
+        x = self.trunk(images)
+        q_c = self.condition(conditions)[:, None]
+        return self.blocks[-1].attention_weights(x, q_c)[:, :, 0, 1:]
+
+    def backbone_keys(self):
+        """The names a pretrained R50+ViT-B/16 provides: everything but the condition token and head."""
+        return [k for k in self.state_dict() if not k.startswith(("condition.", "head."))]
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights (SPEC section 2)
+
+
+def read_safetensors(path):
+    """Read a .safetensors file with numpy alone: 8-byte little-endian header length, JSON header, raw data."""
+    dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.path.getsize(path)
+        if n > size - 8:
+            raise ValueError(f"{path}: safetensors header of {n} bytes runs past the end of the {size}-byte file (truncated?)")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise ValueError(f"{path}: key {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > len(data):
+            raise ValueError(f"{path}: key {key!r} ends at byte {end} of a {len(data)}-byte data section (truncated file)")
+        a = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[key] = torch.from_numpy(a.copy())
+    return out
+
+
+def google_to_timm(npz, cfg, path):
+    """Map Google's R50+ViT-B_16.npz keys to timm's names, with the layout changes of SPEC section 2.
+
+    Every expected key must be present; unknown keys other than the classifier heads are an error.
+    """
+    prefix = "opt/target/" if any(k.startswith("opt/target/") for k in npz) else ""
+    used, sd = set(), {}
+
+    def take(key):
+        if prefix + key not in npz:
+            raise KeyError(f"{path}: missing key {prefix + key!r} of Google's R50+ViT-B/16 layout")
+        used.add(prefix + key)
+        return torch.from_numpy(np.asarray(npz[prefix + key], dtype=np.float32))
+
+    def conv(key):  # HWIO -> OIHW
+        return take(key).permute(3, 2, 0, 1)
+
+    def vec(key):  # GroupNorm / LayerNorm parameters, maybe stored (1, 1, 1, C)
+        return take(key).reshape(-1)
+
+    sd["cls_token"] = take("cls")
+    sd["pos_embed"] = take("Transformer/posembed_input/pos_embedding")
+    sd["patch_embed.backbone.stem.conv.weight"] = conv("conv_root/kernel")
+    sd["patch_embed.backbone.stem.norm.weight"] = vec("gn_root/scale")
+    sd["patch_embed.backbone.stem.norm.bias"] = vec("gn_root/bias")
+    for s, n_units in enumerate(cfg.sizes["layers"]):
+        for u in range(n_units):
+            src, dst = f"block{s + 1}/unit{u + 1}/", f"patch_embed.backbone.stages.{s}.blocks.{u}."
+            for i in (1, 2, 3):
+                sd[dst + f"conv{i}.weight"] = conv(src + f"conv{i}/kernel")
+                sd[dst + f"norm{i}.weight"] = vec(src + f"gn{i}/scale")
+                sd[dst + f"norm{i}.bias"] = vec(src + f"gn{i}/bias")
+            if u == 0:
+                sd[dst + "downsample.conv.weight"] = conv(src + "conv_proj/kernel")
+                sd[dst + "downsample.norm.weight"] = vec(src + "gn_proj/scale")
+                sd[dst + "downsample.norm.bias"] = vec(src + "gn_proj/bias")
+    sd["patch_embed.proj.weight"] = conv("embedding/kernel")
+    sd["patch_embed.proj.bias"] = take("embedding/bias")
+    D = cfg.sizes["embed_dim"]
+    for i in range(cfg.sizes["depth"]):
+        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        att = src + "MultiHeadDotProductAttention_1/"
+        sd[dst + "norm1.weight"] = vec(src + "LayerNorm_0/scale")
+        sd[dst + "norm1.bias"] = vec(src + "LayerNorm_0/bias")
+        # query/key/value kernels (D, heads, head_dim) -> (D, D) -> (out, in); concatenated [q; k; v]
+        sd[dst + "attn.qkv.weight"] = torch.cat([take(att + f"{n}/kernel").reshape(D, D).t() for n in ("query", "key", "value")])
+        sd[dst + "attn.qkv.bias"] = torch.cat([take(att + f"{n}/bias").reshape(-1) for n in ("query", "key", "value")])
+        sd[dst + "attn.proj.weight"] = take(att + "out/kernel").reshape(D, D).t()  # (heads, head_dim, D) -> (out, in)
+        sd[dst + "attn.proj.bias"] = take(att + "out/bias")
+        sd[dst + "norm2.weight"] = vec(src + "LayerNorm_2/scale")
+        sd[dst + "norm2.bias"] = vec(src + "LayerNorm_2/bias")
+        for j in (0, 1):
+            sd[dst + f"mlp.fc{j + 1}.weight"] = take(src + f"MlpBlock_3/Dense_{j}/kernel").t()
+            sd[dst + f"mlp.fc{j + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{j}/bias")
+    sd["norm.weight"] = vec("Transformer/encoder_norm/scale")
+    sd["norm.bias"] = vec("Transformer/encoder_norm/bias")
+    unknown = [k for k in npz if k not in used and not k[len(prefix):].startswith(("head/", "pre_logits/"))]
+    if unknown:
+        raise KeyError(f"{path}: {len(unknown)} keys not in Google's R50+ViT-B/16 layout for arch {cfg.arch!r}, e.g. {unknown[:3]}")
+    return sd
+
+
+def read_weights(path, cfg):
+    """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    if magic == b"PK\x03\x04" and path.endswith(".npz"):
+        try:
+            with np.load(path) as npz:
+                return google_to_timm({k: npz[k] for k in npz.files}, cfg, path)
+        except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
+            raise ValueError(f"{path}: cannot read as an .npz archive (truncated or corrupt?): {e}") from e
+    if magic == b"PK\x03\x04" or path.endswith((".pth", ".pt", ".bin")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}") from e
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]  # converted by this project (cca.py convert)
+        elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            obj = obj["model"]  # a training checkpoint of this project
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValueError(f"{path}: expected a state dict of tensors")
+        return obj
+    raise ValueError(f"{path}: unknown weight format (expected Google's .npz, timm's .safetensors/.bin/.pth, or a .pt from 'cca.py convert')")
+
+
+def resize_pos_embed(pos, grid):
+    """Bilinear resize of a (1, 1+n*n, D) position embedding to (1, 1+grid*grid, D); [CLS] kept apart."""
+    cls, patches = pos[:, :1], pos[:, 1:]
+    n = math.isqrt(patches.shape[1])
+    if n * n != patches.shape[1]:
+        raise ValueError(f"position embedding with {patches.shape[1]} patch positions is not a square grid")
+    patches = patches.reshape(1, n, n, -1).permute(0, 3, 1, 2)  # (1, D, n, n)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
+
+
+def load_pretrained(model: CCA, path: str, verbose: bool = True) -> dict:
+    """Load R50+ViT-B/16 weights into the stem and blocks 1..L; block L's weights also initialise the
+    cross-attention block (it has the same parameters). Returns a report dict of key lists."""
+    sd = read_weights(path, model.cfg)
+    dropped = sorted(k for k in sd if k.startswith(("head.", "pre_logits.", "fc_norm.", "condition.")))
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    own = model.state_dict()
+    expected = model.backbone_keys()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise KeyError(f"{path}: does not fit arch {model.cfg.arch!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                       f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    resized = []
+    if sd["pos_embed"].shape != own["pos_embed"].shape and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"].float(), model.cfg.grid)
+        resized.append("pos_embed")
+    for k in expected:
+        if sd[k].shape != own[k].shape:
+            raise ValueError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}")
+    new = [k for k in own if k not in expected]
+    model.load_state_dict({**{k: own[k] for k in new}, **{k: sd[k] for k in expected}}, strict=True)
+    report = dict(loaded=expected, new=new, dropped=dropped, resized=resized)
+    if verbose:
+        n_new = sum(own[k].numel() for k in new)
+        print(f"loaded {len(expected)} tensors from {path}; resized {resized or 'nothing'}; "
+              f"dropped {dropped or 'nothing'}; newly initialised: {new} ({n_new:,} parameters)")
+    return report
+
+
+def convert(src, dst, img_size=224, arch="vit_r50_b16"):
+    """Write weights of any supported layout as a timm-named backbone state dict for `img_size`."""
+    model = CCA(CCAConfig(arch=arch, img_size=img_size))
+    load_pretrained(model, src)
+    state = model.state_dict()
+    sd = {k: state[k] for k in model.backbone_keys()}
+    tmp = dst + ".tmp"
+    torch.save({"format": "cca-backbone", "arch": arch, "img_size": img_size, "source": os.path.basename(src), "state_dict": sd}, tmp)
+    os.replace(tmp, dst)
+    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {img_size}")
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="CCA model utilities")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("convert", help="convert R50+ViT-B/16 weights (Google .npz, timm .safetensors/.bin/.pth) to a .pt that training starts from")
+    p.add_argument("src", help="the pretrained weight file")
+    p.add_argument("dst", help="output .pt path")
+    p.add_argument("--img-size", type=int, default=224, help="image size the position embedding is resized for (224 or 384)")
+    p.add_argument("--arch", default="vit_r50_b16", choices=sorted(ARCH_SIZES), help="architecture the weights are for")
+    p = sub.add_parser("info", help="print the parameter counts of an architecture")
+    p.add_argument("--arch", default="vit_r50_b16", choices=sorted(ARCH_SIZES), help="architecture")
+    p.add_argument("--num-conditions", type=int, default=8, help="number of conditions K")
+    p.add_argument("--img-size", type=int, default=224, help="image size")
+    args = parser.parse_args()
+    if args.cmd == "convert":
+        convert(args.src, args.dst, args.img_size, args.arch)
+    else:
+        for t in (1, 2):
+            m = CCA(CCAConfig(arch=args.arch, num_conditions=args.num_conditions, condition_type=t, img_size=args.img_size))
+            print(f"{args.arch} type-{t}: total {count_parameters(m):,}; backbone {count_parameters(m) - count_parameters(m.condition) - count_parameters(m.head):,}; "
+                  f"condition token {count_parameters(m.condition):,}; head {count_parameters(m.head):,}")

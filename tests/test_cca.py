@@ -1,0 +1,423 @@
+"""Tests of cca.py: sizes, the equations of the paper against written-out forms, weight loading.
+
+Weight files are written by the tests themselves from randomly initialised models, each layout by an
+inverse mapping written here independently of cca.py.
+"""
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cca import CCA, ARCH_SIZES, CCAConfig, count_parameters, load_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
+
+
+def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0):
+    torch.manual_seed(seed)
+    model = CCA(CCAConfig(arch="tiny", num_conditions=num_conditions, condition_type=condition_type, img_size=img_size, out_dim=32))
+    randomise_norms(model)
+    return model.eval()
+
+
+def randomise_norms(model):
+    # GroupNorm/LayerNorm start as the identity; random affine parameters make the tests see them
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# -----------------------------------------------------------------------------
+# sizes
+
+
+def test_backbone_parameter_count_matches_timm_layout():
+    model = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=2, out_dim=1024))
+    backbone = count_parameters(model) - count_parameters(model.condition) - count_parameters(model.head)
+    assert backbone == 97_890_112  # SPEC section 1
+    assert count_parameters(model.patch_embed.backbone) == 11_894_848
+    assert count_parameters(model.patch_embed.proj) == 787_200
+    assert count_parameters(model.blocks[0]) == count_parameters(model.blocks[-1]) == 7_087_872
+    # what CCA adds for K = 8 conditions, D = 768: Type-2 is the mask table (K x D) plus an FC D -> D
+    assert count_parameters(model.condition) == 8 * 768 + 768 * 768 + 768 == 596_736
+    assert count_parameters(model.head) == 768 * 1024 + 1024 == 787_456
+    type1 = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=1, out_dim=1024))
+    assert count_parameters(type1.condition) == 8 * 768 + 768 == 6_912  # FC from a K-way one-hot to D
+
+
+def test_state_dict_keys_and_shapes_match_timm_reference_list():
+    model = CCA(CCAConfig(arch="vit_r50_b16"))
+    sd = model.state_dict()
+    ref = read_key_list("timm_vit_base_r50_s16_224_keys.txt")
+    assert {k: tuple(sd[k].shape) for k in model.backbone_keys()} == ref
+
+
+def test_shapes_and_unit_norm():
+    model = tiny()
+    x = torch.randn(3, 3, 64, 64)
+    c = torch.tensor([0, 4, 2])
+    f = model(x, c)
+    assert f.shape == (3, 32)
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(3))
+    assert model.trunk(x).shape == (3, 1 + 8 * 8, 128)
+    assert model.embed_all(x).shape == (3, 5, 32)
+    assert model.attention_maps(x, c).shape == (3, 4, 64)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown arch"):
+        CCAConfig(arch="vit_huge")
+    with pytest.raises(ValueError, match="condition_type"):
+        CCAConfig(condition_type=3)
+    with pytest.raises(ValueError, match="multiple of the output stride"):
+        CCAConfig(img_size=100)
+
+
+# -----------------------------------------------------------------------------
+# the equations against written-out forms
+
+
+def naive_attention(q, k, v):
+    """softmax(Q K^T / sqrt(d)) V written out, (B, heads, M, d) x (B, heads, N, d)."""
+    w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+def split_heads(x, heads):
+    B, N, D = x.shape
+    return x.reshape(B, N, heads, D // heads).permute(0, 2, 1, 3)
+
+
+def test_self_attention_equals_naive_softmax():
+    model = tiny()
+    attn, heads = model.blocks[0].attn, ARCH_SIZES["tiny"]["num_heads"]
+    x = torch.randn(2, 17, 128)
+    q, k, v = (split_heads(t, heads) for t in (x @ attn.qkv.weight.t() + attn.qkv.bias).chunk(3, dim=-1))
+    expected = naive_attention(q, k, v).permute(0, 2, 1, 3).reshape(2, 17, 128) @ attn.proj.weight.t() + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def condition_token(model, c):
+    """Eq. 2 with an explicit one-hot, eq. 3 with an explicit lookup, written out here."""
+    cond = model.condition
+    if model.cfg.condition_type == 1:
+        onehot = F.one_hot(c, model.cfg.num_conditions).float()
+        return onehot @ cond.fc.weight.t() + cond.fc.bias
+    return torch.relu(cond.mask[c]) @ cond.fc.weight.t() + cond.fc.bias
+
+
+def eq4_repeated_form(model, x_img, c):
+    """The paper's form: q_c repeated to all N+1 positions (eq. 4), full cross-attention (eq. 6),
+    residual and MLP on every token, [CLS] read out, FC and l2 (eq. 7)."""
+    blk, heads = model.blocks[-1], model.cfg.sizes["num_heads"]
+    x = model.trunk(x_img)  # (B, 1+N, D)
+    B, T, D = x.shape
+    Qc = condition_token(model, c)[:, None].expand(B, T, D)  # eq. 4
+    W, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+    q = split_heads(blk.norm1(Qc) @ W[:D].t() + b[:D], heads)
+    k = split_heads(blk.norm1(x) @ W[D:2 * D].t() + b[D:2 * D], heads)
+    v = split_heads(blk.norm1(x) @ W[2 * D:].t() + b[2 * D:], heads)
+    a = naive_attention(q, k, v).permute(0, 2, 1, 3).reshape(B, T, D)
+    y = x + blk.attn.proj(a)
+    y = y + blk.mlp(blk.norm2(y))
+    return F.normalize(model.head(model.norm(y)[:, 0]), dim=-1)
+
+
+@pytest.mark.parametrize("condition_type", [1, 2])
+def test_single_query_equals_eq4_repeated_query(condition_type):
+    model = tiny(condition_type)
+    x, c = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 3, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, c), eq4_repeated_form(model, x, c), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("condition_type", [1, 2])
+def test_embed_all_equals_one_call_per_condition(condition_type):
+    model = tiny(condition_type)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        together = model.embed_all(x)
+        for k in range(5):
+            torch.testing.assert_close(together[:, k], model(x, torch.full((3,), k)), atol=1e-5, rtol=1e-5)
+
+
+def test_conditions_give_different_embeddings():
+    # at initialisation q.k is small and the attention nearly uniform, whatever the query; sharpen the
+    # last block's attention as pretrained weights would, then the condition must switch the output
+    model = tiny()
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight.mul_(20)
+        f = model.embed_all(torch.randn(2, 3, 64, 64))
+    assert (f[:, 0] - f[:, 1]).norm(dim=-1).min() > 0.05
+
+
+def test_attention_maps_are_the_softmax_weights_over_patches():
+    model = tiny()
+    x, c = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    blk, heads = model.blocks[-1], 4
+    with torch.no_grad():
+        maps = model.attention_maps(x, c)
+        t = model.trunk(x)
+        D = t.shape[-1]
+        q = split_heads(blk.norm1(condition_token(model, c)[:, None]) @ blk.attn.qkv.weight[:D].t() + blk.attn.qkv.bias[:D], heads)
+        k = split_heads(blk.norm1(t) @ blk.attn.qkv.weight[D:2 * D].t() + blk.attn.qkv.bias[D:2 * D], heads)
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // heads), dim=-1)[:, :, 0]  # (B, heads, 1+N)
+    torch.testing.assert_close(maps, w[:, :, 1:], atol=1e-6, rtol=1e-5)
+    assert (maps.sum(-1) <= 1 + 1e-6).all()
+
+
+def test_bf16_autocast_on_cpu_runs_and_stays_close():
+    model = tiny()
+    x, c = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    with torch.no_grad():
+        ref = model(x, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, c)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bf16_autocast_on_cuda():
+    model = tiny().cuda()
+    x, c = torch.randn(4, 3, 64, 64, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
+    with torch.no_grad():
+        ref = model(x, c)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(x, c)
+            all_ = model.embed_all(x)
+    assert (low - ref).abs().max() < 0.1
+    torch.testing.assert_close(all_[torch.arange(4), c], low, atol=2e-2, rtol=2e-2)
+
+
+def test_timm_parity_of_the_trunk():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # norms start as identity: make them count
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    path = os.path.join(os.environ.get("PYTEST_TMP", "/tmp"), f"timm_ref_{os.getpid()}.pth")
+    torch.save(ref.state_dict(), path)
+    try:
+        model = CCA(CCAConfig(arch="vit_r50_b16", img_size=224)).eval()
+        load_pretrained(model, path, verbose=False)
+    finally:
+        os.remove(path)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        t = ref.norm_pre(ref._pos_embed(ref.patch_embed(x)))
+        for blk in ref.blocks[:-1]:
+            t = blk(t)
+        ours = model.trunk(x)
+    assert (ours - t).abs().max() < 1e-4
+    # the cross-attention block starts from the last pretrained block
+    for name, p in ref.blocks[-1].named_parameters():
+        torch.testing.assert_close(model.blocks[-1].get_parameter(name), p)
+
+
+# -----------------------------------------------------------------------------
+# weight files in the real layouts, written by an inverse mapping of the test's own
+
+
+def read_key_list(name):
+    out = {}
+    with open(os.path.join(REFERENCE, name)) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape = line.rstrip("\n").split("\t")
+            out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    return out
+
+
+def to_google(sd, cfg, gn_4d=True):
+    """timm-named tensors -> Google's npz layout (the inverse of SPEC section 2's mapping)."""
+    D, H = cfg.sizes["embed_dim"], cfg.sizes["num_heads"]
+    n = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
+    gn = lambda t: n(t).reshape(1, 1, 1, -1) if gn_4d else n(t)  # noqa: E731
+    hwio = lambda t: n(t.permute(2, 3, 1, 0))  # noqa: E731
+    out = {"cls": n(sd["cls_token"]), "Transformer/posembed_input/pos_embedding": n(sd["pos_embed"]),
+           "conv_root/kernel": hwio(sd["patch_embed.backbone.stem.conv.weight"]),
+           "gn_root/scale": gn(sd["patch_embed.backbone.stem.norm.weight"]), "gn_root/bias": gn(sd["patch_embed.backbone.stem.norm.bias"]),
+           "embedding/kernel": hwio(sd["patch_embed.proj.weight"]), "embedding/bias": n(sd["patch_embed.proj.bias"]),
+           "Transformer/encoder_norm/scale": n(sd["norm.weight"]), "Transformer/encoder_norm/bias": n(sd["norm.bias"])}
+    for key, t in sd.items():
+        parts = key.split(".")
+        if key.startswith("patch_embed.backbone.stages."):
+            s, u, rest = int(parts[3]), int(parts[5]), parts[6:]
+            unit = f"block{s + 1}/unit{u + 1}/"
+            if rest[0] == "downsample":
+                out[unit + ("conv_proj/kernel" if rest[1] == "conv" else f"gn_proj/{'scale' if rest[2] == 'weight' else 'bias'}")] = hwio(t) if rest[1] == "conv" else gn(t)
+            elif rest[0].startswith("conv"):
+                out[unit + f"{rest[0]}/kernel"] = hwio(t)
+            else:
+                out[unit + f"gn{rest[0][-1]}/{'scale' if rest[1] == 'weight' else 'bias'}"] = gn(t)
+        elif key.startswith("blocks."):
+            blk = f"Transformer/encoderblock_{parts[1]}/"
+            att = blk + "MultiHeadDotProductAttention_1/"
+            name = ".".join(parts[2:])
+            if name == "attn.qkv.weight":
+                for i, qkv in enumerate(("query", "key", "value")):
+                    out[att + f"{qkv}/kernel"] = n(t[i * D:(i + 1) * D].t().reshape(D, H, D // H))
+            elif name == "attn.qkv.bias":
+                for i, qkv in enumerate(("query", "key", "value")):
+                    out[att + f"{qkv}/bias"] = n(t[i * D:(i + 1) * D].reshape(H, D // H))
+            elif name == "attn.proj.weight":
+                out[att + "out/kernel"] = n(t.t().reshape(H, D // H, D))
+            elif name == "attn.proj.bias":
+                out[att + "out/bias"] = n(t)
+            elif name.startswith("norm"):
+                out[blk + f"LayerNorm_{0 if name[4] == '1' else 2}/{'scale' if name.endswith('weight') else 'bias'}"] = n(t)
+            elif name.startswith("mlp.fc"):
+                j = int(name[6]) - 1
+                out[blk + f"MlpBlock_3/Dense_{j}/{'kernel' if name.endswith('weight') else 'bias'}"] = n(t.t()) if name.endswith("weight") else n(t)
+    return out
+
+
+def write_safetensors(path, tensors):
+    """A safetensors writer of the test's own (the format: u64 header length, JSON header, raw data)."""
+    header, blobs, offset = {}, [], 0
+    for k, t in tensors.items():
+        a = t.detach().contiguous().numpy()
+        dtype = {np.float32: "F32", np.float16: "F16"}[a.dtype.type]
+        header[k] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        blobs.append(a.tobytes())
+        offset += a.nbytes
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def backbone_state(model):
+    sd = model.state_dict()
+    return {k: sd[k].clone() for k in model.backbone_keys()}
+
+
+def assert_backbone_equal(model, sd):
+    own = model.state_dict()
+    for k, v in sd.items():
+        torch.testing.assert_close(own[k], v.float(), msg=k)
+
+
+def test_google_inverse_mapping_produces_the_real_key_list():
+    model = CCA(CCAConfig(arch="vit_r50_b16"))
+    google = {k: v.shape for k, v in to_google(backbone_state(model), model.cfg).items()}
+    assert google == read_key_list("google_R50+ViT-B_16_npz_keys.txt")
+
+
+@pytest.mark.parametrize("prefix,gn_4d", [("", True), ("opt/target/", False)])
+def test_google_npz_loads_back(tmp_path, prefix, gn_4d):
+    src = tiny(seed=1)
+    sd = backbone_state(src)
+    arrays = {prefix + k: v for k, v in to_google(sd, src.cfg, gn_4d).items()}
+    arrays[prefix + "head/kernel"] = np.zeros((128, 10), np.float32)  # classifier heads are dropped
+    arrays[prefix + "pre_logits/bias"] = np.zeros(128, np.float32)
+    np.savez(tmp_path / "w.npz", **arrays)
+    dst = tiny(seed=2)
+    cond_before = dst.condition.mask.detach().clone()
+    report = load_pretrained(dst, str(tmp_path / "w.npz"), verbose=False)
+    assert_backbone_equal(dst, sd)
+    torch.testing.assert_close(dst.condition.mask, cond_before)  # new parameters untouched
+    assert set(report["new"]) == {"condition.mask", "condition.fc.weight", "condition.fc.bias", "head.weight", "head.bias"}
+
+
+def test_timm_pth_and_safetensors_load_back(tmp_path):
+    src = tiny(seed=1)
+    sd = backbone_state(src)
+    torch.save({**sd, "head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)}, tmp_path / "pytorch_model.bin")
+    write_safetensors(tmp_path / "model.safetensors", sd)
+    write_safetensors(tmp_path / "half.safetensors", {k: v.half() for k, v in sd.items()})
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        dst = tiny(seed=2)
+        report = load_pretrained(dst, str(tmp_path / name), verbose=False)
+        assert_backbone_equal(dst, sd)
+        assert report["dropped"] == (["head.bias", "head.weight"] if name.endswith(".bin") else [])
+    dst = tiny(seed=2)
+    load_pretrained(dst, str(tmp_path / "half.safetensors"), verbose=False)
+    assert_backbone_equal(dst, {k: v.half() for k, v in sd.items()})
+
+
+def test_position_embedding_is_resized_on_its_grid(tmp_path):
+    src = tiny(seed=1, img_size=64)  # 8 x 8 grid
+    torch.save(backbone_state(src), tmp_path / "w.pth")
+    dst = tiny(seed=2, img_size=96)  # 12 x 12 grid
+    report = load_pretrained(dst, str(tmp_path / "w.pth"), verbose=False)
+    assert report["resized"] == ["pos_embed"]
+    pos = dst.pos_embed.detach()
+    assert pos.shape == (1, 1 + 144, 128)
+    torch.testing.assert_close(pos[:, 0], src.pos_embed[:, 0].detach())  # [CLS] kept apart
+    # a constant grid stays constant under bilinear resizing; a linear ramp keeps its ends' order
+    grid = src.pos_embed.detach()[0, 1:].reshape(8, 8, -1)
+    assert torch.allclose(pos[0, 1:].reshape(12, 12, -1).mean((0, 1)), grid.mean((0, 1)), atol=0.05)
+
+
+def test_convert_cli_round_trips(tmp_path):
+    src = tiny(seed=1)
+    sd = backbone_state(src)
+    np.savez(tmp_path / "w.npz", **to_google(sd, src.cfg))
+    out = tmp_path / "converted.pt"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "cca.py"), "convert", str(tmp_path / "w.npz"), str(out), "--arch", "tiny", "--img-size", "64"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["format"] == "cca-backbone" and ckpt["img_size"] == 64
+    dst = tiny(seed=2)
+    load_pretrained(dst, str(out), verbose=False)
+    assert_backbone_equal(dst, sd)
+
+
+# -----------------------------------------------------------------------------
+# bad inputs
+
+
+def test_truncated_files_give_clear_errors(tmp_path):
+    src = tiny(seed=1)
+    sd = backbone_state(src)
+    np.savez(tmp_path / "w.npz", **to_google(sd, src.cfg))
+    torch.save(sd, tmp_path / "w.pth")
+    write_safetensors(tmp_path / "w.safetensors", sd)
+    for name in ("w.npz", "w.pth", "w.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / ("cut_" + name)).write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="cut_" + name.replace(".", r"\.")):
+            load_pretrained(tiny(), str(tmp_path / ("cut_" + name)), verbose=False)
+
+
+def test_wrong_shape_names_key_and_both_shapes(tmp_path):
+    sd = backbone_state(tiny(seed=1))
+    sd["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 128)
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1\.weight.*\(100, 128\).*\(512, 128\)"):
+        load_pretrained(tiny(), str(tmp_path / "w.pth"), verbose=False)
+
+
+def test_missing_and_unknown_keys_and_formats(tmp_path):
+    sd = backbone_state(tiny(seed=1))
+    del sd["norm.bias"]
+    torch.save(sd, tmp_path / "missing.pth")
+    with pytest.raises(KeyError, match="missing.pth.*norm.bias"):
+        load_pretrained(tiny(), str(tmp_path / "missing.pth"), verbose=False)
+    g = to_google(backbone_state(tiny(seed=1)), tiny().cfg)
+    g["Transformer/encoderblock_99/LayerNorm_0/scale"] = np.zeros(128, np.float32)
+    np.savez(tmp_path / "extra.npz", **g)
+    with pytest.raises(KeyError, match="encoderblock_99"):
+        load_pretrained(tiny(), str(tmp_path / "extra.npz"), verbose=False)
+    (tmp_path / "w.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        load_pretrained(tiny(), str(tmp_path / "w.onnx"), verbose=False)
+    with pytest.raises(FileNotFoundError, match="nowhere.npz"):
+        load_pretrained(tiny(), str(tmp_path / "nowhere.npz"), verbose=False)
