@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cca import CCA, ARCH_SIZES, CCAConfig, count_parameters, load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, "..", "shared", "reference")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # copies of ../shared/reference key lists
 
 
 def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0):
@@ -235,7 +235,7 @@ def test_timm_parity_of_the_trunk():
 
 def read_key_list(name):
     out = {}
-    with open(os.path.join(REFERENCE, name)) as f:
+    with open(os.path.join(FIXTURES, name)) as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
