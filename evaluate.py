@@ -1,8 +1,27 @@
-"""Evaluation: the paper's metrics."""
+"""
+Evaluation: the paper's metrics on a checkpoint, rebuilt from the checkpoint alone.
+
+    python evaluate.py --ckpt runs/synthetic/best.pt                 # mAP table of the test split
+    python evaluate.py --ckpt best.pt --split valid --data-root /data/fashionai --json results.json
+
+ASEN data (FashionAI, DARN, DeepFashion, synthetic): mAP per attribute, the query-weighted total
+(ASEN's "Total MeanAP", the number the paper's tables report) and the plain mean over attributes.
+Zappos50K: triplet prediction accuracy, overall and per condition. `mean_average_precision` and
+`triplet_accuracy` below are importable and serve train.py's validation too.
+"""
+
+import argparse
+import json
+import os
+import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from cca import CCA, CCAConfig
+from data import EvalItems, ZapposEvalSet, chance_map, prepare_dataset
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -144,3 +163,158 @@ def triplet_accuracy(anchor, far, close, conditions, num_conditions=None) -> dic
     }
 
 # ----------------------------------------------------------------------------- end of metrics
+
+
+# -----------------------------------------------------------------------------
+# embedding a split and scoring it; train.py's validation uses the same code
+
+
+def shard(n, rank, world_size):
+    """This rank's indices of n items: every world_size-th, so shards differ in length by at most one."""
+    return list(range(rank, n, world_size))
+
+
+def gather_by_index(feats, idx, n):
+    """Put each rank's (n_r, d) features back in item order: all-gather padded shards with their
+    indices, drop the padding, scatter by index. Every item lands exactly once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        out = torch.empty(n, feats.shape[1], dtype=feats.dtype, device=feats.device)
+        out[idx] = feats
+        return out
+    world = dist.get_world_size()
+    size = torch.tensor([len(idx)], device=feats.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    m = int(max(s.item() for s in sizes))
+    pad_f = torch.zeros(m, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    pad_i = torch.full((m,), -1, dtype=torch.long, device=feats.device)
+    pad_f[: len(idx)], pad_i[: len(idx)] = feats, idx
+    all_f = [torch.empty_like(pad_f) for _ in range(world)]
+    all_i = [torch.empty_like(pad_i) for _ in range(world)]
+    dist.all_gather(all_f, pad_f)
+    dist.all_gather(all_i, pad_i)
+    all_f, all_i = torch.cat(all_f), torch.cat(all_i)
+    keep = all_i >= 0
+    out = torch.empty(n, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    out[all_i[keep]] = all_f[keep]
+    return out
+
+
+@torch.no_grad()
+def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world_size=1):
+    """Embed every (image, condition, ..., index) item of `dataset` under its own condition; each rank
+    embeds its shard and the features are gathered: (len(dataset), out_dim) on every rank."""
+    idx = shard(len(dataset), rank, world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    feats, index = [], []
+    for batch in loader:
+        images, conditions, i = batch[0], batch[1], batch[-1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
+        feats.append(f.float())
+        index.append(i.to(device))
+    model.train(was_training)
+    out_dim = model.cfg.out_dim
+    feats = torch.cat(feats) if feats else torch.empty(0, out_dim, device=device)
+    index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device)
+    return gather_by_index(feats, index, len(dataset))
+
+
+def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1):
+    """Score `model` on a split ("valid" or "test"): mAP (ASEN data) or triplet accuracy (Zappos).
+    Every rank embeds its shard; the result dict is computed on every rank from the gathered features."""
+    if meta["format"] == "zappos":
+        items = ZapposEvalSet(root, split, img_size)
+        f = embed_items(model, items, device, batch_size, workers, rank, world_size)
+        t = items.triplets.to(device)
+        return triplet_accuracy(f[t[:, 0]], f[t[:, 1]], f[t[:, 2]], items.conditions.to(device), len(meta["attributes"]))
+    sets = [EvalItems(meta["name"], root, split, role, img_size) for role in ("query", "candidate")]
+    (qf, cf) = (embed_items(model, s, device, batch_size, workers, rank, world_size) for s in sets)
+    q, c = sets
+    return mean_average_precision(qf, q.attrs.to(device), q.values.to(device), cf, c.attrs.to(device), c.values.to(device))
+
+
+def format_results(result, meta, chance=None):
+    """The paper's table: one row per attribute, then the totals, each labelled."""
+    names = meta["attributes"]
+    lines = []
+    if "per_attribute" in result:
+        lines.append(f"{'attribute':<24s} {'queries':>8s} {'mAP':>7s}")
+        for a, m in result["per_attribute"].items():
+            lines.append(f"{names[a]:<24s} {result['per_attribute_queries'][a]:8d} {100 * m:7.2f}")
+        lines.append(f"{'total (query-weighted; the paper reports this)':<48s} {100 * result['total']:7.2f}")
+        lines.append(f"{'mean over attributes':<48s} {100 * result['mean_over_attributes']:7.2f}")
+        if chance is not None:
+            lines.append(f"{'chance level (random ranking, query-weighted)':<48s} {100 * chance:7.2f}")
+    else:
+        lines.append(f"{'condition':<24s} {'triplets':>8s} {'acc':>7s}")
+        for k, acc in result["per_condition"].items():
+            lines.append(f"{names[k]:<24s} {result['per_condition_triplets'][k]:8d} {100 * acc:7.2f}")
+        lines.append(f"{'total (over all triplets)':<41s} {100 * result['total']:7.2f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}")
+    missing = [k for k in ("model", "config", "meta", "args") if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
+    if missing:
+        raise SystemExit(f"error: {path}: not a train.py checkpoint (no {', '.join(missing)})")
+    model = CCA(CCAConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
+    p.add_argument("--split", default="test", choices=("valid", "test"), help="which split to score")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_checkpoint(args.ckpt, device)
+    meta = ckpt["meta"]
+    name = meta["name"]
+    try:
+        root, disk_meta = prepare_dataset(name, args.data_root or ckpt["args"]["data_root"])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if disk_meta["attributes"] != meta["attributes"]:
+        raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
+    cfg = model.cfg
+    print(f"{args.ckpt}: {cfg.arch}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; scoring {args.split} of {root}")
+    t0 = time.time()
+    result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
+    chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5
+    print(format_results(result, meta, chance if meta["format"] == "asen" else None))
+    print(f"({time.time() - t0:.1f} s)")
+    if args.json:
+        names = meta["attributes"]
+        out = dict(checkpoint=args.ckpt, data=name, split=args.split, chance=chance, **{k: v for k, v in result.items()})
+        for key in ("per_attribute", "per_attribute_queries", "per_condition", "per_condition_triplets"):
+            if key in out:
+                out[key] = {names[k]: v for k, v in out[key].items()}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

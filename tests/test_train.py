@@ -1,0 +1,130 @@
+"""End-to-end tests of train.py and evaluate.py on a small synthetic dataset (CPU, 32 px, tiny model)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import evaluate
+import train
+from cca import CCA, CCAConfig
+from data import make_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data") / "synthetic")
+    make_synthetic(root, num_train=120, num_query=20, num_candidate=40, seed=0, size=32, workers=1)
+    return root
+
+
+def common(root, out):
+    return ["--data", "synthetic", "--data-root", root, "--out-dir", str(out), "--img-size", "32", "--out-dim", "16",
+            "--batch-size", "8", "--num-triplets", "16", "--workers", "0", "--eval-batch-size", "32", "--log-every", "1"]
+
+
+def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsys):
+    train.main(common(synth, tmp_path) + ["--epochs", "1"])
+    log = capsys.readouterr().out
+    assert "step 2/2" in log and "total (query-weighted" in log
+    best = torch.load(tmp_path / "best.pt", weights_only=True)  # plain types only: loads with weights_only
+    assert set(best) >= {"model", "optimizer", "epoch", "best_metric", "config", "meta", "args"}
+    assert best["epoch"] == 0 and best["meta"]["name"] == "synthetic"
+    assert os.path.isfile(tmp_path / "last.pt") and not os.path.exists(tmp_path / "best.pt.tmp")
+    # evaluate.py rebuilds model and data from the checkpoint alone and gives the validation numbers again
+    result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0", "--json", str(tmp_path / "r.json")])
+    assert result["total"] == pytest.approx(best["best_metric"], abs=1e-9)
+    saved = json.load(open(tmp_path / "r.json"))
+    assert set(saved["per_attribute"]) <= set(best["meta"]["attributes"]) and 0 <= saved["chance"] < 1
+    test = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
+    assert 0 < test["total"] <= 1 and test["num_queries"] == 20
+
+
+def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
+    train.main(common(synth, tmp_path / "straight") + ["--epochs", "2"])
+    train.main(common(synth, tmp_path / "split") + ["--epochs", "1"])
+    train.main(common(synth, tmp_path / "split") + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 1
+    assert b["optimizer"]["state"][0]["step"] == 4  # Adam's state came back: 2 epochs of 2 steps
+    assert [h["epoch"] for h in b["history"]] == [0, 1]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_torchrun_two_ranks_gloo(synth, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *common(synth, tmp_path), "--epochs", "1", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 rank(s)" in r.stdout and "total (query-weighted" in r.stdout
+    assert r.stdout.count("validation after epoch 1") == 1  # printed by rank 0 only
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    model = CCA(CCAConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])  # saved unwrapped: no "module." prefix
+
+
+def ddp_step_worker(rank, init_file, batch, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = CCA(CCAConfig(arch="tiny", num_conditions=3, img_size=32, out_dim=16))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    half = [t[rank * 4:(rank + 1) * 4] for t in batch]
+    train.train_step(ddp, opt, *half, margin=0.2, use_amp=False)
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    dist.destroy_process_group()
+
+
+def test_ddp_step_on_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    batch = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(3)] + [torch.randint(0, 3, (8,), generator=g)]
+    mp.spawn(ddp_step_worker, args=(str(tmp_path / "pg"), batch, str(tmp_path / "ddp.pt")), nprocs=2)
+    torch.manual_seed(0)
+    model = CCA(CCAConfig(arch="tiny", num_conditions=3, img_size=32, out_dim=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # SGD, not Adam: Adam's first step is about lr * sign(g), which turns float noise in near-zero
+    # gradient entries into full-size differences; SGD keeps the parameters linear in the averaged gradient
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train.train_step(model, opt, *batch, margin=0.2, use_amp=False)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    moved = 0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        moved += int(not torch.equal(v, before[k]))
+    assert moved > 10  # the step did change the weights
+
+
+def test_triplet_loss_is_eq9_with_cosine_distance():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[0.6, 0.8], [1.0, 0.0]])  # cos 0.6, 1.0
+    n = torch.tensor([[0.8, 0.6], [0.0, 1.0]])  # cos 0.8, 0.0
+    loss, acc = train.triplet_loss(a, p, n, margin=0.2)
+    # max(0, 0.8 - 0.6 + 0.2) = 0.4 and max(0, 0 - 1 + 0.2) = 0
+    assert loss.item() == pytest.approx(0.2) and acc.item() == 0.5
+
+
+def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
+    for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--condition-type", "3"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        assert e.value.code == 2
+    args = train.parse_args(common(synth, tmp_path) + ["--batch-size", "64"])
+    with pytest.raises(SystemExit, match="does not divide over 3 ranks"):
+        train.train(args, rank=0, world=3, device=torch.device("cpu"))
+    r = subprocess.run([sys.executable, "train.py", "--data", "fashionai", "--data-root", str(tmp_path / "nowhere")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        evaluate.main(["--ckpt", str(tmp_path / "none.pt")])
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(SystemExit, match="broken.pt"):
+        evaluate.main(["--ckpt", str(tmp_path / "broken.pt")])

@@ -1,0 +1,275 @@
+"""
+Train CCA with conditioned triplets (paper sections 3.3 and 4.2), on one process or many.
+
+    python train.py                                        # the demo: tiny model, synthetic data, CPU, minutes
+    python evaluate.py --ckpt runs/synthetic/best.pt       # then score it on the test split
+
+    python cca.py convert R50+ViT-B_16.npz vit_r50_b16_224.pt
+    torchrun --nproc_per_node=8 train.py --data fashionai --pretrained vit_r50_b16_224.pt
+
+The paper's recipe is the default on real data: 64 triplets per step in total (split over the ranks),
+Adam at 1e-4, margin 0.2, 100,000 fresh triplets per epoch (Zappos: CSN's 200,000 fixed triplets),
+200 epochs, validation mAP every epoch, the best checkpoint kept. The paper does not give the
+optimizer or the schedule; we follow ASEN's: Adam, the rate times 0.985 after each epoch.
+The demo (`--data synthetic`, the default) keeps the recipe's shape with a budget for a laptop CPU.
+Prints a progress line every --log-every steps and the validation table after each evaluation;
+writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, write then rename).
+"""
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from cca import ARCH_SIZES, CCA, CCAConfig, count_parameters, load_pretrained
+from data import DATASETS, TripletDataset, chance_map, prepare_dataset
+from evaluate import evaluate_split, format_results
+
+# Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
+RECIPE = dict(arch="vit_r50_b16", epochs=200, lr=1e-4, workers=8)
+DEMO = dict(arch="tiny", epochs=8, num_triplets=4_000, lr=5e-4, workers=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
+    p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 1)")
+    # model
+    p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
+    p.add_argument("--condition-type", type=int, default=2, choices=(1, 2), help="condition token: 1 FC(onehot(c)), 2 FC(ReLU(M[c])) (paper eq. 2/3)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: 224; tiny 64)")
+    p.add_argument("--out-dim", type=int, default=1024, help="embedding width")
+    p.add_argument("--pretrained", default=None, help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
+    # optimization
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; synthetic 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="triplets per step over all ranks (the paper: 64)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 1e-4, the paper; synthetic 5e-4)")
+    p.add_argument("--lr-decay", type=float, default=0.985, help="learning rate factor after each epoch (ASEN)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet margin m of eq. 9")
+    # evaluation
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--eval-batch-size", type=int, default=128, help="images per batch when embedding the validation split")
+    # system
+    p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/DATA)")
+    p.add_argument("--resume", default=None, help="a last.pt or best.pt to continue from (model, optimizer, epoch, best)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the triplet draws")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    args = p.parse_args(argv)
+    defaults = DEMO if args.data == "synthetic" else RECIPE
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.num_triplets is None:
+        args.num_triplets = 200_000 if args.data == "zappos" else 100_000  # CSN's fixed list; ASEN++'s epoch
+    if args.img_size is None:
+        args.img_size = 224 if args.arch == "vit_r50_b16" else 64
+    args.data_root = args.data_root or os.path.join("data", args.data)
+    args.out_dir = args.out_dir or os.path.join("runs", args.data)
+    for k in ("epochs", "batch_size", "num_triplets", "eval_every", "log_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    if args.lr <= 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# distributed setup: `python train.py` is one process with no process group; torchrun sets RANK etc.
+
+
+def setup(device_arg):
+    if "RANK" in os.environ:
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        cuda = torch.cuda.is_available() and device_arg != "cpu"
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    else:
+        rank, world = 0, 1
+        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world, device
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*a, **kw):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **kw, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the loss (paper eq. 9)
+
+
+def triplet_loss(a, p, n, margin):
+    """max(0, DIST(a, p) - DIST(a, n) + m) with the cosine distance 1 - cos, on unit-norm embeddings:
+    = max(0, cos(a, n) - cos(a, p) + m). Also returns the fraction of triplets ranked right."""
+    cos_ap, cos_an = (a * p).sum(-1), (a * n).sum(-1)
+    return F.relu(cos_an - cos_ap + margin).mean(), (cos_ap > cos_an).float().mean()
+
+
+def train_step(model, optimizer, a, p, n, c, margin, use_amp):
+    """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors."""
+    x = torch.cat([a, p, n])  # (3B, 3, S, S): one forward for all three
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        f = model(x, c.repeat(3)).view(3, a.shape[0], -1)  # all three embedded under the triplet's condition
+    loss, acc = triplet_loss(f[0], f[1], f[2], margin)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), acc
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
+    """One dict that suffices to resume and to evaluate; written to a temporary file, then renamed."""
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                best_metric=best, config=asdict(model.cfg), args=vars(args), meta=meta, history=history)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args.device)
+    try:
+        train(args, rank, world, device)
+    except (FileNotFoundError, ValueError) as e:  # a missing dataset, a bad split file: say what and where
+        raise SystemExit(f"error: {e}")
+    finally:
+        cleanup()
+
+
+def train(args, rank, world, device):
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not divide over {world} ranks")
+    per_rank = args.batch_size // world
+    # the synthetic set is written by rank 0 only; the others wait for it
+    if rank == 0:
+        root, meta = prepare_dataset(args.data, args.data_root)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        root, meta = prepare_dataset(args.data, args.data_root)
+    K = len(meta["attributes"])
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    if resume is not None:
+        cfg = CCAConfig(**resume["config"])
+    else:
+        cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size, out_dim=args.out_dim)
+    if cfg.num_conditions != K:
+        raise SystemExit(f"the checkpoint has {cfg.num_conditions} conditions, dataset {args.data} has {K}")
+    model = CCA(cfg)
+    if args.pretrained and resume is None:
+        load_pretrained(model, args.pretrained, verbose=rank == 0)
+    model.to(device)
+    print0(f"model {cfg.arch}, type-{cfg.condition_type} condition token, {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)  # stepped once per epoch
+    start_epoch, best, history = 0, -1.0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch, best, history = resume["epoch"] + 1, resume["best_metric"], resume["history"]
+        print0(f"resumed from {args.resume} at epoch {start_epoch} (best so far {best:.4f})")
+    raw = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True)
+    steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
+    if steps == 0:
+        raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
+    chance = chance_map(args.data, root, "valid") if meta["format"] == "asen" else 0.5
+    os.makedirs(args.out_dir, exist_ok=True)
+    use_amp = device.type == "cuda"
+    print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
+
+    t_start, done_steps = time.time(), 0
+    total_steps = (args.epochs - start_epoch) * steps
+    for epoch in range(start_epoch, args.epochs):
+        data.set_epoch(epoch)
+        # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
+        torch.manual_seed(args.seed + 1000 * epoch + rank)
+        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=False, drop_last=True, num_workers=args.workers,
+                                             pin_memory=use_amp, persistent_workers=False)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
+        n_sum, t_log = 0, time.time()
+        for step, (a, p, n, c) in enumerate(loader):
+            if step == steps:
+                break
+            a, p, n, c = (t.to(device, non_blocking=True) for t in (a, p, n, c))
+            loss, acc = train_step(model, optimizer, a, p, n, c, args.margin, use_amp)
+            loss_sum += loss  # accumulated on the device: no host sync inside the step
+            acc_sum += acc
+            n_sum += 1
+            done_steps += 1
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                stats = torch.stack([loss_sum, acc_sum]) / n_sum
+                if world > 1:
+                    dist.all_reduce(stats)
+                    stats /= world
+                loss_v, acc_v = stats.tolist()
+                if not math.isfinite(loss_v):
+                    raise SystemExit(f"loss is {loss_v} at epoch {epoch} step {step + 1}: stopping (lower --lr?)")
+                dt = time.time() - t_log
+                ips = 3 * args.batch_size * n_sum / dt
+                eta = (time.time() - t_start) / done_steps * (total_steps - done_steps)
+                print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss_v:.4f} triplet acc {acc_v:.3f} "
+                       f"lr {scheduler.get_last_lr()[0]:.2e} {ips:.0f} img/s eta {fmt_time(eta)}")
+                loss_sum.zero_()
+                acc_sum.zero_()
+                n_sum, t_log = 0, time.time()
+        scheduler.step()
+
+        record = dict(epoch=epoch, lr=scheduler.get_last_lr()[0])
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            t0 = time.time()
+            result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world)
+            record["valid"] = result
+            print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance if meta['format'] == 'asen' else None)}")
+            if result["total"] > best:
+                best = result["total"]
+                if rank == 0:
+                    history.append(record)
+                    save_checkpoint(os.path.join(args.out_dir, "best.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history)
+                    history.pop()
+                print0(f"new best {100 * best:.2f}: saved {os.path.join(args.out_dir, 'best.pt')}")
+        history.append(record)
+        if rank == 0:
+            save_checkpoint(os.path.join(args.out_dir, "last.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history)
+    print0(f"done in {fmt_time(time.time() - t_start)}; best validation {100 * best:.2f}; checkpoints in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()
