@@ -41,6 +41,8 @@ ARCH_SIZES = {
     "tiny": dict(layers=(1, 1), stem_width=16, gn_groups=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4),
 }
 
+METHODS = ("cca", "triplet", "csn", "asen")
+
 
 @dataclass
 class CCAConfig:
@@ -49,10 +51,13 @@ class CCAConfig:
     condition_type: int = 2  # 1: FC(onehot(c)) (eq. 2); 2: FC(ReLU(M[c])) (eq. 3)
     img_size: int = 224
     out_dim: int = 1024  # width of the output embedding (ASEN used 1024)
+    method: str = "cca"  # "cca", or a comparison method of the paper's tables: "triplet", "csn", "asen"
 
     def __post_init__(self):
         if self.arch not in ARCH_SIZES:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCH_SIZES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.condition_type not in (1, 2):
             raise ValueError(f"condition_type must be 1 or 2, got {self.condition_type}")
         if self.num_conditions < 1:
@@ -314,10 +319,12 @@ class ConditionalCrossAttentionBlock(Block):
         return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
-class CCA(nn.Module):
-    """The Conditional Cross Attention network (paper Fig. 3)."""
+class HybridViT(nn.Module):
+    """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm.
+    Blocks 1..L-1 are the shared trunk; `last_block` is block L. One list keeps timm's names, so
+    blocks.{L-1} loads the last pretrained block whatever its kind (SPEC section 1)."""
 
-    def __init__(self, cfg: CCAConfig):
+    def __init__(self, cfg, last_block):
         super().__init__()
         self.cfg = cfg
         s = cfg.sizes
@@ -325,18 +332,13 @@ class CCA(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
-        # blocks 0..L-2 are the shared self-attention trunk; block L-1 is the conditional one.
-        # One list keeps timm's names, so blocks.{L-1} loads the last pretrained block (SPEC section 1).
         self.blocks = nn.ModuleList([Block(D, s["num_heads"], s["mlp_ratio"]) for _ in range(s["depth"] - 1)])
-        self.blocks.append(ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
+        self.blocks.append(last_block)
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.condition = ConditionToken(cfg.condition_type, cfg.num_conditions, D)
-        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls))
-        self.init_weights()
 
     def init_weights(self):
         # ViT-style initialisation for training from scratch; pretrained weights overwrite all but
-        # the condition token and the head.
+        # the conditional parts ("condition.") and the head.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for name, m in self.named_modules():
@@ -351,6 +353,22 @@ class CCA(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         return x
+
+    def backbone_keys(self):
+        """The names a pretrained R50+ViT-B/16 provides: everything but the conditional parts and the head."""
+        return [k for k in self.state_dict() if not k.startswith(("condition.", "head."))]
+
+
+class CCA(HybridViT):
+    """The Conditional Cross Attention network (paper Fig. 3)."""
+
+    def __init__(self, cfg: CCAConfig):
+        s = cfg.sizes
+        D = s["embed_dim"]
+        super().__init__(cfg, ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
+        self.condition = ConditionToken(cfg.condition_type, cfg.num_conditions, D)
+        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls))
+        self.init_weights()
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -377,9 +395,98 @@ class CCA(nn.Module):
         q_c = self.condition(conditions)[:, None]
         return self.blocks[-1].attention_weights(x, q_c)[:, :, 0, 1:]
 
-    def backbone_keys(self):
-        """The names a pretrained R50+ViT-B/16 provides: everything but the condition token and head."""
-        return [k for k in self.state_dict() if not k.startswith(("condition.", "head."))]
+
+# -----------------------------------------------------------------------------
+# the comparison methods of the paper's tables, on the same backbone (all L blocks self-attention)
+
+
+class CSNMask(nn.Module):
+    """TF-CSN (paper Table 2, after Veit et al.): a learned mask per condition on the embedding,
+    f = l2(FC(x_cls) * ReLU(M[c])), M initialised as CSN's normal(0.9, 0.7)."""
+
+    def __init__(self, num_conditions, out_dim):
+        super().__init__()
+        self.mask = nn.Parameter(torch.empty(num_conditions, out_dim).normal_(mean=0.9, std=0.7))
+
+    def forward(self, emb, c):
+        return emb * F.relu(self.mask[c])  # (B, out_dim)
+
+
+class ASENAttention(nn.Module):
+    """TF-ASEN (paper Table 2, after Ma et al., AAAI 2020): attribute-aware spatial attention over
+    the patch tokens laid out as a grid, then attribute-aware channel attention, on the ViT's
+    last-layer tokens instead of a CNN feature map (1x1 convs become Linear layers on tokens)."""
+
+    def __init__(self, num_conditions, dim):
+        super().__init__()
+        self.attr_spatial = nn.Embedding(num_conditions, dim)
+        self.attr_channel = nn.Embedding(num_conditions, dim)
+        self.feat_proj = nn.Linear(dim, dim)  # the feature map into the joint space
+        self.attr_proj = nn.Linear(dim, dim)  # the attribute into the joint space
+        self.score = nn.Linear(dim, 1)  # joint space -> one attention logit per location
+        self.channel = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def spatial(self, tokens, c):
+        """Softmax attention over the N locations: (B, N)."""
+        joint = torch.tanh(self.feat_proj(tokens)) * torch.tanh(self.attr_proj(self.attr_spatial(c)))[:, None]  # (B, N, D)
+        return torch.softmax(self.score(joint).squeeze(-1), dim=-1)
+
+    def forward(self, tokens, c):
+        """tokens (B, N, D) patch tokens, c (B,) -> (B, D) attended feature."""
+        v = (self.spatial(tokens, c)[..., None] * tokens).sum(1)  # (B, D) spatially attended
+        w = torch.sigmoid(self.channel(torch.cat([v, self.attr_channel(c)], dim=-1)))  # (B, D) channel weights
+        return v * w
+
+
+class Baseline(HybridViT):
+    """The plain hybrid ViT (every block self-attention) with the head of a comparison method:
+    "triplet": one embedding for every condition, l2(FC(x_cls)) (the tables' "Triplet network");
+    "csn": TF-CSN, a per-condition mask on that embedding; "asen": TF-ASEN, condition-guided
+    spatial and channel attention over the patch tokens."""
+
+    def __init__(self, cfg: CCAConfig):
+        s = cfg.sizes
+        D = s["embed_dim"]
+        super().__init__(cfg, Block(D, s["num_heads"], s["mlp_ratio"]))
+        if cfg.method == "csn":
+            self.condition = CSNMask(cfg.num_conditions, cfg.out_dim)
+        elif cfg.method == "asen":
+            self.condition = ASENAttention(cfg.num_conditions, D)
+        self.head = nn.Linear(D, cfg.out_dim)
+        self.init_weights()
+
+    def features(self, images):
+        x = self.trunk(images)
+        return self.norm(self.blocks[-1](x))  # (B, 1+N, D)
+
+    def embed_features(self, x, c):
+        if self.cfg.method == "asen":
+            return F.normalize(self.head(self.condition(x[:, 1:], c)).float(), dim=-1)
+        emb = self.head(x[:, 0])
+        if self.cfg.method == "csn":
+            emb = self.condition(emb, c)
+        return F.normalize(emb.float(), dim=-1)  # "triplet": the condition is not used
+
+    def forward(self, images, conditions):
+        return self.embed_features(self.features(images), conditions)
+
+    def embed_all(self, images):
+        x = self.features(images)  # condition-free up to the head: computed once
+        return torch.stack([self.embed_features(x, torch.full((x.shape[0],), k, device=x.device))
+                            for k in range(self.cfg.num_conditions)], dim=1)  # (B, K, out_dim)
+
+    @torch.no_grad()
+    def attention_maps(self, images, conditions):
+        """TF-ASEN's spatial attention (B, 1, N); the other baselines have no conditional attention."""
+        if self.cfg.method != "asen":
+            raise ValueError(f"method {self.cfg.method!r} has no condition-dependent attention map to show")
+        x = self.features(images)
+        return self.condition.spatial(x[:, 1:], conditions)[:, None]
+
+
+def build_model(cfg: CCAConfig):
+    """CCA for method "cca", else the baseline of that method on the same backbone."""
+    return CCA(cfg) if cfg.method == "cca" else Baseline(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -517,7 +624,7 @@ def resize_pos_embed(pos, grid):
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], dim=1)
 
 
-def load_pretrained(model: CCA, path: str, verbose: bool = True) -> dict:
+def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
     """Load R50+ViT-B/16 weights into the stem and blocks 1..L; block L's weights also initialise the
     cross-attention block (it has the same parameters). Returns a report dict of key lists."""
     sd = read_weights(path, model.cfg)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import CCA, CCAConfig
+from cca import CCAConfig, build_model
 from data import EvalItems, ZapposEvalSet, chance_map, prepare_dataset
 
 # -----------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def load_checkpoint(path, device="cpu"):
     missing = [k for k in ("model", "config", "meta", "args") if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
     if missing:
         raise SystemExit(f"error: {path}: not a train.py checkpoint (no {', '.join(missing)})")
-    model = CCA(CCAConfig(**ckpt["config"]))
+    model = build_model(CCAConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
@@ -298,7 +298,7 @@ def main(argv=None):
     if disk_meta["attributes"] != meta["attributes"]:
         raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
     cfg = model.cfg
-    print(f"{args.ckpt}: {cfg.arch}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; scoring {args.split} of {root}")
+    print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; scoring {args.split} of {root}")
     t0 = time.time()
     result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
     chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cca import ARCH_SIZES, CCA, CCAConfig, count_parameters, load_pretrained
+from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
 from data import DATASETS, TripletDataset, chance_map, prepare_dataset
 from evaluate import evaluate_split, format_results
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 1)")
     # model
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
+    p.add_argument("--method", default="cca", choices=METHODS, help="cca (the paper's model), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
     p.add_argument("--condition-type", type=int, default=2, choices=(1, 2), help="condition token: 1 FC(onehot(c)), 2 FC(ReLU(M[c])) (paper eq. 2/3)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: 224; tiny 64)")
     p.add_argument("--out-dim", type=int, default=1024, help="embedding width")
@@ -182,14 +183,15 @@ def train(args, rank, world, device):
     if resume is not None:
         cfg = CCAConfig(**resume["config"])
     else:
-        cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size, out_dim=args.out_dim)
+        cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size, out_dim=args.out_dim,
+                        method=args.method)
     if cfg.num_conditions != K:
         raise SystemExit(f"the checkpoint has {cfg.num_conditions} conditions, dataset {args.data} has {K}")
-    model = CCA(cfg)
+    model = build_model(cfg)
     if args.pretrained and resume is None:
         load_pretrained(model, args.pretrained, verbose=rank == 0)
     model.to(device)
-    print0(f"model {cfg.arch}, type-{cfg.condition_type} condition token, {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
+    print0(f"model {cfg.arch}, method {cfg.method} (type-{cfg.condition_type} condition token for cca), {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
 
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)  # stepped once per epoch

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cca import CCA, ARCH_SIZES, CCAConfig, count_parameters, load_pretrained
+from cca import ARCH_SIZES, CCA, CCAConfig, build_model, count_parameters, load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # copies of ../shared/reference key lists
@@ -421,3 +421,61 @@ def test_missing_and_unknown_keys_and_formats(tmp_path):
         load_pretrained(tiny(), str(tmp_path / "w.onnx"), verbose=False)
     with pytest.raises(FileNotFoundError, match="nowhere.npz"):
         load_pretrained(tiny(), str(tmp_path / "nowhere.npz"), verbose=False)
+
+
+# -----------------------------------------------------------------------------
+# the comparison methods on the same backbone
+
+
+def baseline(method, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=64, out_dim=32, method=method))
+    randomise_norms(model)
+    return model.eval()
+
+
+def test_triplet_baseline_ignores_the_condition():
+    model = baseline("triplet")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f0, f3 = model(x, torch.tensor([0, 0])), model(x, torch.tensor([3, 3]))
+        all_ = model.embed_all(x)
+    torch.testing.assert_close(f0, f3, rtol=0, atol=0)
+    for k in range(5):
+        torch.testing.assert_close(all_[:, k], f0, rtol=0, atol=0)
+
+
+def test_csn_baseline_is_a_masked_embedding():
+    model = baseline("csn")
+    x, c = torch.randn(2, 3, 64, 64), torch.tensor([1, 4])
+    with torch.no_grad():
+        cls = model.norm(model.blocks[-1](model.trunk(x)))[:, 0]
+        expected = F.normalize(model.head(cls) * torch.relu(model.condition.mask[c]), dim=-1)
+        torch.testing.assert_close(model(x, c), expected, atol=1e-6, rtol=1e-5)
+        all_ = model.embed_all(x)
+    torch.testing.assert_close(all_[torch.arange(2), c], model(x, c), atol=1e-6, rtol=1e-5)
+    assert (all_[:, 0] - all_[:, 1]).abs().max() > 1e-3
+
+
+def test_asen_baseline_attends_per_condition():
+    model = baseline("asen")
+    x, c = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    with torch.no_grad():
+        maps = model.attention_maps(x, c)
+        all_ = model.embed_all(x)
+        f = model(x, c)
+    assert maps.shape == (2, 1, 64)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 1))
+    torch.testing.assert_close(all_[torch.arange(2), c], f, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="no condition-dependent attention"):
+        baseline("triplet").attention_maps(x, c)
+
+
+@pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
+def test_pretrained_backbone_loads_into_every_method(tmp_path, method):
+    sd = backbone_state(tiny(seed=1))
+    torch.save(sd, tmp_path / "w.pth")
+    model = baseline(method, seed=2)
+    report = load_pretrained(model, str(tmp_path / "w.pth"), verbose=False)
+    assert_backbone_equal(model, sd)
+    assert all(k.startswith(("condition.", "head.")) for k in report["new"])

@@ -128,3 +128,12 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(SystemExit, match="broken.pt"):
         evaluate.main(["--ckpt", str(tmp_path / "broken.pt")])
+
+
+@pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
+def test_every_method_trains_and_evaluates(synth, tmp_path, method):
+    train.main(common(synth, tmp_path) + ["--epochs", "1", "--method", method])
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert ckpt["config"]["method"] == method
+    result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0"])
+    assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
