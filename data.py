@@ -1,0 +1,633 @@
+"""
+Data for CCA: the four benchmarks in their real file formats, conditioned triplets for training,
+the query/candidate items for evaluation, and a built-in synthetic dataset that needs no download.
+
+    python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
+    python data.py check --data synthetic                      # counts, chance mAP, missing images
+    python data.py check --data fashionai --data-root data/fashionai
+
+Formats (SPEC sections 3 and 4):
+- fashionai, darn, deepfashion (ASEN's split): filenames_{train,valid,test}.txt (one relative image path
+  a line), label_train.txt (`fid attr value [attr value ...]`), query_/candidate_{valid,test}.txt
+  (`fid attr value`), meta.json (attribute names and value counts). Some files have CRLF line ends.
+- zappos (CSN's split): filenames.json (plain text, one path a line, relative to ut-zap50k-images/) and
+  tripletlists/{class,closure,gender,heel}_tripletlist_{train,val,test}.txt, lines `anchor far close`.
+- synthetic: drawn by this file and written in exactly the ASEN format, so one code path loads both.
+"""
+import argparse
+import colorsys
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+DATASETS = ("synthetic", "fashionai", "darn", "deepfashion", "zappos")
+MEAN = STD = (0.5, 0.5, 0.5)  # the R50+ViT-B/16 weights expect pixels in [-1, 1] (SPEC 1), not ImageNet stats
+
+# the sections of ASEN's combined meta.json
+ASEN_SECTIONS = {"fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion"}
+ASEN_FILES = ["meta.json", "filenames_train.txt", "label_train.txt"] + [
+    f"{f}_{s}.txt" for s in ("valid", "test") for f in ("filenames", "query", "candidate")]
+ZAPPOS_CONDITIONS = ("class", "closure", "gender", "heel")  # CSN's condition order: index 0..3
+ZAPPOS_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # our split name -> CSN's file suffix
+ZAPPOS_TRIPLETS = {"train": 200_000, "valid": 80_000, "test": 160_000}  # CSN's README and later work (SPEC 4)
+HINTS = {
+    "asen": "the split files and meta.json come from ASEN's repository (github.com/Maryeon/asen, or ASEN++'s "
+            "github.com/Maryeon/asenpp); the images from the dataset's own site",
+    "zappos": "filenames.json and tripletlists/ come from CSN's repository "
+              "(github.com/andreasveit/conditional-similarity-networks); the images are UT Zappos50K's "
+              "ut-zap50k-images/",
+}
+
+# FashionAI's value names (reference/fashionai_meta_with_value_names.json); ASEN's meta.json has only the counts.
+FASHIONAI_VALUE_NAMES = {
+    "skirt_length": ["Invisible", "Short Length", "Knee Length", "Midi Length", "Ankle Length", "Floor Length"],
+    "sleeve_length": ["Invisible", "Sleeveless", "Cup Sleeves", "Short Sleeves", "Elbow Sleeves", "3/4 Sleeves",
+                      "Wrist Length", "Long Sleeves", "Extra Long Sleeves"],
+    "coat_length": ["Invisible", "High Waist Length", "Regular Length", "Long Length", "Micro Length", "Knee Length",
+                    "Midi Length", "Ankle&Floor Length"],
+    "pant_length": ["Invisible", "Short Pant", "Mid Length", "3/4 Length", "Cropped Pant", "Full Length"],
+    "collar_design": ["Invisible", "Shirt Collar", "Peter Pan", "Puritan Collar", "Rib Collar"],
+    "lapel_design": ["Invisible", "Notched", "Collarless", "Shawl Collar", "Plus Size Shawl"],
+    "neckline_design": ["Invisible", "Strapless Neck", "Deep V Neckline", "Straight Neck", "V Neck",
+                        "Square Neckline", "Off Shoulder", "Round Neckline", "Sweat Heart Neck",
+                        "OneShoulder Neckline"],
+    "neck_design": ["Invisible", "Turtle Neck", "Ruffle Semi-High Collar", "Low Turtle Neck", "Draped Collar"],
+}
+
+# -----------------------------------------------------------------------------
+# meta: attribute names and value names, a plain dict (it is saved inside checkpoints)
+
+def load_meta(name, root):
+    if name == "zappos":  # CSN's triplet lists carry conditions but no value labels
+        return {"name": name, "format": "zappos", "attributes": list(ZAPPOS_CONDITIONS),
+                "values": [[] for _ in ZAPPOS_CONDITIONS]}
+    path = os.path.join(root, "meta.json")
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if "ATTRIBUTES" not in raw:  # ASEN's combined file: one section per dataset
+        section = ASEN_SECTIONS.get(name)
+        if section not in raw:
+            raise ValueError(f"{path}: neither 'ATTRIBUTES' nor a {section or name!r} section (keys: {sorted(raw)})")
+        raw = raw[section]
+    try:
+        attributes = [str(a) for a in raw["ATTRIBUTES"]]
+        nums = raw["ATTRIBUTES_NUM"]
+        counts = [int(nums[a]) for a in attributes] if isinstance(nums, dict) else [int(n) for n in nums]
+        names = raw.get("ATTRIBUTES_VALUES")
+        if names is None and name == "fashionai":
+            names = FASHIONAI_VALUE_NAMES
+        values = []
+        for i, (attr, n) in enumerate(zip(attributes, counts, strict=True)):
+            if names is None:  # DARN, DeepFashion: ASEN publishes counts only
+                v = [f"value {j}" for j in range(n)]
+            else:
+                v = [str(x) for x in (names[attr] if isinstance(names, dict) else names[i])]
+            if len(v) != n:
+                raise ValueError(f"{path}: attribute {attr!r} has {n} values in ATTRIBUTES_NUM, {len(v)} value names")
+            values.append(v)
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path}: malformed meta ({type(e).__name__}: {e}); expected ATTRIBUTES, ATTRIBUTES_NUM "
+                         f"and optionally ATTRIBUTES_VALUES") from None
+    return {"name": name, "format": "asen", "attributes": attributes, "values": values}
+
+
+def required_files(name, root):
+    if name == "zappos":
+        lists = [f"tripletlists/{c}_tripletlist_{s}.txt" for s in ZAPPOS_SPLITS.values() for c in ZAPPOS_CONDITIONS]
+        return [os.path.join(root, f) for f in ["filenames.json"] + lists]
+    return [os.path.join(root, f) for f in ASEN_FILES]
+
+
+def prepare_dataset(name, root=None):
+    """Resolve root (default data/NAME); create the synthetic set when missing; else fail naming what is missing."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    root = root or os.path.join("data", name)
+    if name == "synthetic" and not os.path.exists(os.path.join(root, "meta.json")):
+        # meta.json is written last, so its absence means "missing or unfinished". Build in a private folder and
+        # rename it into place: several processes (torchrun) may race here, and a rename is all-or-nothing.
+        print(f"creating the synthetic dataset in {root} (once; under a minute)")
+        tmp = f"{os.path.normpath(root)}.tmp{os.getpid()}"
+        make_synthetic(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first, or root is a non-empty folder of something else
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(os.path.join(root, "meta.json")):
+                raise FileNotFoundError(f"{root} exists but holds no finished synthetic set (no meta.json): "
+                                        f"remove it or choose another --data-root") from None
+    for path in required_files(name, root):
+        if not os.path.isfile(path):
+            hint = "" if name == "synthetic" else "; " + HINTS["zappos" if name == "zappos" else "asen"]
+            raise FileNotFoundError(f"{name}: missing {path}{hint}")
+    return root, load_meta(name, root)
+
+# -----------------------------------------------------------------------------
+# split-file readers; whitespace split() per line makes CRLF ends and tabs harmless
+
+def _lines(path):
+    """(lineno, line, fields) of each non-blank line of a text file."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if fields:
+                yield lineno, line.rstrip("\r\n"), fields
+
+
+def _fail(errors, msg):
+    """Raise at the first bad line, or, when a list is given (data.py check), collect them all."""
+    if errors is None:
+        raise ValueError(msg)
+    errors.append(msg)
+
+
+def read_filenames(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_labels(path, num_images, meta, multi=False, errors=None):
+    """(P, 3) int64 rows (fid, attr, value): one per pair of a label_train line (multi), or per query/candidate
+    line. Every line is checked against the filenames count and the meta; errors name the file and line."""
+    counts = [len(v) for v in meta["values"]]
+    form = "fid attr value [attr value ...]" if multi else "fid attr value"
+    rows = []
+    for lineno, line, fields in _lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            nums = [int(x) for x in fields]
+        except ValueError:
+            nums = []
+        if len(nums) < 3 or len(nums) % 2 == 0 or (not multi and len(nums) != 3):
+            _fail(errors, f"{where}: expected '{form}', got {line!r}")
+            continue
+        fid, pairs = nums[0], list(zip(nums[1::2], nums[2::2]))
+        if not 0 <= fid < num_images:
+            _fail(errors, f"{where}: fid {fid} out of range: the filenames file has {num_images} lines")
+            continue
+        bad = [(a, v) for a, v in pairs if not (0 <= a < len(counts) and 0 <= v < counts[a])]
+        if bad:
+            a, v = bad[0]
+            msg = (f"attribute {a} out of range: meta.json has {len(counts)} attributes" if not 0 <= a < len(counts)
+                   else f"value {v} out of range: attribute {a} ({meta['attributes'][a]}) has {counts[a]} values")
+            _fail(errors, f"{where}: {msg}")
+            continue
+        rows += [(fid, a, v) for a, v in pairs]
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def read_zappos_triplets(root, split, num_triplets, num_images, errors=None):
+    """(T, 4) int64 rows (anchor, far, close, condition) of CSN's lists. num_triplets counts all four conditions:
+    the first ceil-share of each condition's file. (CSN shuffles the concatenation and keeps the first n, which is
+    also about n/4 per condition; the first lines of each file keep ours deterministic.) None reads every line."""
+    rows = []
+    for c, cond in enumerate(ZAPPOS_CONDITIONS):
+        path = os.path.join(root, "tripletlists", f"{cond}_tripletlist_{ZAPPOS_SPLITS[split]}.txt")
+        share = None if num_triplets is None else num_triplets // 4 + (c < num_triplets % 4)
+        n = 0
+        for lineno, line, fields in _lines(path):
+            if share is not None and n == share:
+                break
+            try:
+                a, far, close = (int(x) for x in fields)
+            except ValueError:
+                _fail(errors, f"{path}:{lineno}: expected 'anchor far close', got {line!r}")
+                continue
+            if not all(0 <= i < num_images for i in (a, far, close)):
+                _fail(errors, f"{path}:{lineno}: image index out of range: filenames.json has {num_images} lines")
+                continue
+            rows.append((a, far, close, c))
+            n += 1
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def zappos_paths(root):
+    return [os.path.join(root, "ut-zap50k-images", p) for p in read_filenames(os.path.join(root, "filenames.json"))]
+
+
+def read_items(name, root, split, role, errors=None):
+    """Root-joined image paths and (fid, attr, value) rows of an ASEN query or candidate list."""
+    if split not in ("valid", "test") or role not in ("query", "candidate"):
+        raise ValueError(f"split must be valid|test and role query|candidate, got {split!r}, {role!r}")
+    meta = load_meta(name, root)
+    names = read_filenames(os.path.join(root, f"filenames_{split}.txt"))
+    rows = read_labels(os.path.join(root, f"{role}_{split}.txt"), len(names), meta, errors=errors)
+    return [os.path.join(root, names[f]) for f in rows[:, 0]], rows
+
+# -----------------------------------------------------------------------------
+# images
+
+def load_image(path, img_size, flip=False):
+    """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
+    try:
+        with Image.open(path) as im:
+            # a JPEG decodes at 1/2, 1/4 or 1/8 scale while it stays >= S: several times faster on large photos
+            im.draft("RGB", (img_size, img_size))
+            im = im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except Exception as e:  # truncated, not an image, decompression bomb: say which file
+        raise OSError(f"cannot read image {path}: {e}") from e
+    w, h = im.size
+    if min(w, h) != img_size:  # torchvision Resize(int): short side = S, long side truncated
+        w, h = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+        im = im.resize((w, h), Image.BILINEAR)
+    left, top = int(round((w - img_size) / 2)), int(round((h - img_size) / 2))  # torchvision CenterCrop
+    im = im.crop((left, top, left + img_size, top + img_size))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)  # (3, S, S) in [0, 1]
+    return (x - MEAN[0]) / STD[0]
+
+# -----------------------------------------------------------------------------
+# training: conditioned triplets
+
+class TripletDataset(torch.utils.data.Dataset):
+    """(anchor, positive, negative, condition). ASEN data: a fresh draw of num_triplets each epoch (SPEC 3);
+    zappos: CSN's fixed list, reshuffled each epoch. Under torchrun each rank keeps every world_size-th triplet."""
+
+    def __init__(self, name, root, img_size, num_triplets, seed=0, rank=0, world_size=1, flip=True):
+        self.meta = load_meta(name, root)
+        self.img_size, self.num_triplets, self.flip = img_size, num_triplets, flip
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        if self.meta["format"] == "zappos":
+            self.paths = zappos_paths(root)
+            t = read_zappos_triplets(root, "train", num_triplets, len(self.paths))
+            self.fixed = t[:, [0, 2, 1, 3]]  # CSN's (anchor, far, close): close is the positive, far the negative
+        else:
+            names = read_filenames(os.path.join(root, "filenames_train.txt"))
+            self.paths = [os.path.join(root, n) for n in names]
+            self._index(read_labels(os.path.join(root, "label_train.txt"), len(names), self.meta, multi=True))
+        self.set_epoch(0)  # usable without set_epoch
+
+    def _index(self, labels):
+        # Group image ids by global value id g = offset[attr] + value, so that "an image of value g" is one lookup
+        # into a flat array: members[start[g] + k], k < count[g]. This is what lets a whole epoch draw vectorised.
+        labels = np.unique(labels, axis=0)  # a pair listed twice must not pair an image with itself
+        nvals = np.array([len(v) for v in self.meta["values"]])
+        offset = np.concatenate([[0], np.cumsum(nvals)[:-1]])
+        gid = offset[labels[:, 1]] + labels[:, 2]
+        self.num_values = G = int(nvals.sum())
+        self.members = labels[np.lexsort((labels[:, 0], gid)), 0]
+        self.count = np.bincount(gid, minlength=G)
+        self.start = np.cumsum(self.count) - self.count
+        # the image's (fid, value) keys, to refuse a negative that also has the first value (DeepFashion labels
+        # several values of one attribute type per image)
+        self.keys = np.unique(labels[:, 0] * G + gid)
+        # An attribute can give a triplet when one value has >= 2 images (anchor, positive) and another has >= 1.
+        pos, nonempty, eligible = [], [], []
+        for a in range(len(nvals)):
+            g = np.arange(offset[a], offset[a] + nvals[a])
+            if (self.count[g] >= 2).any() and (self.count[g] >= 1).sum() >= 2:
+                eligible.append(a)
+                pos.append(g[self.count[g] >= 2])
+                nonempty.append(g[self.count[g] >= 1])
+        if not eligible:
+            raise ValueError("label_train.txt: no attribute has a value with 2 images and another value with 1: "
+                             "no triplet can be drawn")
+        # ragged lists -> padded (E, width) tables of value ids plus lengths, indexable by a whole array at once
+        width = max(len(g) for g in nonempty)
+        self.eligible = np.array(eligible)
+        self.pos = np.stack([np.pad(g, (0, width - len(g))) for g in pos])
+        self.npos = np.array([len(g) for g in pos])
+        self.nonempty = np.stack([np.pad(g, (0, width - len(g))) for g in nonempty])
+        self.nne = np.array([len(g) for g in nonempty])
+        self.rank_in_nonempty = np.zeros(G, dtype=np.int64)  # where value g sits in its attribute's nonempty list
+        for g in nonempty:
+            self.rank_in_nonempty[g] = np.arange(len(g))
+
+    def _draw(self, rng, n):
+        """n triplets (anchor, positive, negative, attribute) by the rule of SPEC 3, each step one array op."""
+        k = rng.integers(len(self.eligible), size=n)  # attribute uniform over the attributes that can give one
+        v1 = self.pos[k, rng.integers(0, self.npos[k])]  # first value uniform among those with >= 2 images
+        ia = rng.integers(0, self.count[v1])
+        ip = rng.integers(0, self.count[v1] - 1)
+        ip += ip >= ia  # a second, different image of the same value
+        anchor, positive = self.members[self.start[v1] + ia], self.members[self.start[v1] + ip]
+
+        def draw_negative(rows):
+            j = rng.integers(0, self.nne[k[rows]] - 1)
+            j += j >= self.rank_in_nonempty[v1[rows]]  # second value uniform among the *other* nonempty values
+            v2 = self.nonempty[k[rows], j]
+            return self.members[self.start[v2] + rng.integers(0, self.count[v2])]
+
+        negative = draw_negative(np.arange(n))
+        for _ in range(10):  # bounded: a negative that also has the first value is redrawn, at most 10 times
+            q = negative * self.num_values + v1
+            bad = np.flatnonzero(self.keys[np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)] == q)
+            if len(bad) == 0:
+                break
+            negative[bad] = draw_negative(bad)
+        return np.stack([anchor, positive, negative, self.eligible[k]], 1)
+
+    def set_epoch(self, epoch):
+        rng = np.random.default_rng([self.seed, epoch])  # same (seed, epoch) -> same triplets on every rank
+        if self.meta["format"] == "zappos":
+            full = self.fixed[rng.permutation(len(self.fixed))]
+        else:
+            full = self._draw(rng, self.num_triplets)
+        # Every rank draws the whole set and keeps its strided share; wrapping pads the set to a multiple of
+        # world_size, because DDP hangs when one rank takes a step more than the others.
+        per_rank = -(-len(full) // self.world_size)
+        full = np.resize(full, (per_rank * self.world_size, 4))
+        self.triplets = full[self.rank::self.world_size]  # (n, 4) int64: anchor, positive, negative, condition
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, i):
+        a, p, n, c = self.triplets[i].tolist()
+        flips = (torch.rand(3) < 0.5).tolist() if self.flip else [False] * 3  # DataLoader seeds torch per worker
+        images = [load_image(self.paths[j], self.img_size, f) for j, f in zip((a, p, n), flips)]
+        return images[0], images[1], images[2], c
+
+# -----------------------------------------------------------------------------
+# evaluation sets
+
+class EvalItems(torch.utils.data.Dataset):
+    """The query or candidate items of an ASEN split: (image, attribute, value, index)."""
+
+    def __init__(self, name, root, split, role, img_size):
+        self.meta, self.img_size = load_meta(name, root), img_size
+        self.paths, rows = read_items(name, root, split, role)
+        self.attrs, self.values = torch.from_numpy(rows[:, 1].copy()), torch.from_numpy(rows[:, 2].copy())
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.img_size), int(self.attrs[i]), int(self.values[i]), i
+
+
+class ZapposEvalSet(torch.utils.data.Dataset):
+    """A zappos val/test list as unique (image, condition) items, each embedded once; triplets index the items."""
+
+    def __init__(self, root, split, img_size, num_triplets=None):
+        self.img_size = img_size
+        paths = zappos_paths(root)
+        t = read_zappos_triplets(root, split, num_triplets or ZAPPOS_TRIPLETS[split], len(paths))  # (T, 4)
+        pairs = np.stack([t[:, :3].reshape(-1), np.repeat(t[:, 3], 3)], 1)  # (3T, 2): image, condition
+        items, inverse = np.unique(pairs, axis=0, return_inverse=True)
+        self.paths = [paths[f] for f in items[:, 0]]
+        self.item_conditions = torch.from_numpy(items[:, 1].copy())
+        self.triplets = torch.from_numpy(inverse.reshape(-1, 3))  # (T, 3) item indices: anchor, far, close
+        self.conditions = torch.from_numpy(t[:, 3].copy())  # (T,)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.img_size), int(self.item_conditions[i]), i
+
+
+def chance_ap(queries, candidates):
+    """Expected AP of a random ranking per query (rows (fid, attr, value)). With N candidates of the query's
+    attribute and R relevant, E[AP] = ((R-1)/(N-1) * (N - H_N) + H_N) / N, H_N the N-th harmonic number;
+    about R/N. A query with R = 0 has AP 0 (SPEC 3)."""
+    ap = np.zeros(len(queries))
+    for i, (_, a, v) in enumerate(queries):
+        same_attr = candidates[:, 1] == a
+        N, R = int(same_attr.sum()), int((same_attr & (candidates[:, 2] == v)).sum())
+        if R > 0:
+            H = float(np.sum(1.0 / np.arange(1, N + 1)))
+            ap[i] = ((R - 1) / max(N - 1, 1) * (N - H) + H) / N
+    return ap
+
+
+def chance_map(name, root, split):
+    """Query-weighted mAP of a random ranking on an ASEN split (SPEC 3 quotes about 0.155 for FashionAI)."""
+    if name == "zappos":
+        raise ValueError("zappos is scored by triplet accuracy; its chance level is 0.5")
+    queries, candidates = read_items(name, root, split, "query")[1], read_items(name, root, split, "candidate")[1]
+    return float(chance_ap(queries, candidates).mean())
+
+# -----------------------------------------------------------------------------
+# the synthetic dataset: garment-like figures with 5 independent attributes
+
+SYNTH_ATTRIBUTES = {
+    "sleeve_length": ["Sleeveless", "Short Sleeves", "Elbow Sleeves", "Long Sleeves"],  # a region: the arms
+    "length": ["Cropped", "Hip Length", "Knee Length", "Ankle Length"],  # a region: where the hem ends
+    "neckline": ["Round Neck", "V Neck", "Square Neck", "Turtle Neck"],  # a region: the top centre
+    "colour": ["Red", "Yellow", "Green", "Cyan", "Blue", "Magenta"],  # global
+    "pattern": ["Plain", "Stripes", "Dots", "Checks"],  # global
+}
+# Geometry in units of a 64-px frame. Every value differs from its neighbours by a large area of pixels, not by a
+# detail: a small network trained from scratch for minutes must see them (tuned with a proxy of the demo model).
+SLEEVE = [0, 8, 15, 24]  # sleeve length from the armhole
+HEM = [18, 26, 35, 45]  # hem height below the shoulder line
+HUE = [0, 60, 120, 180, 240, 300]  # degrees: as far apart as six hues can be
+# Nuisances: enough that no attribute can be read off a fixed pixel, little enough to learn in minutes.
+SCALE_JITTER = 0.08  # garment size x U(1 - j, 1 + j)
+SHIFT_JITTER = 2.0  # garment position, units
+BACKGROUND = (0.4, 0.85)  # grey level range of the background
+NOISE_STD = 4.0  # pixel noise, of 255
+
+
+def draw_garment(values, rng, size=64, zoom=4):
+    """One figure as a PIL image, drawn zoom times larger and downsampled with LANCZOS for anti-aliasing.
+    values: one index per SYNTH_ATTRIBUTES entry."""
+    sleeve, length, neck, colour, pattern = values
+    W = size * zoom
+    s = rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER)
+    cx, top = 32 + rng.uniform(-SHIFT_JITTER, SHIFT_JITTER), 10.5 + rng.uniform(-SHIFT_JITTER, SHIFT_JITTER)
+    P = lambda x, y: ((cx + x * s) * W / 64, (top + y * s) * W / 64)  # design units -> canvas pixels
+
+    mask = Image.new("L", (W, W), 0)
+    d = ImageDraw.Draw(mask)
+    hem = HEM[length]
+    flare = 11 + 0.08 * hem  # a slight A-line so the long garments look like dresses
+    d.polygon([P(-11, 0), P(11, 0), P(flare, hem), P(-flare, hem)], fill=255)
+    if SLEEVE[sleeve] > 0:
+        sn, cs = np.sin(np.radians(28)), np.cos(np.radians(28))  # sleeves hang 28 degrees out from vertical
+        for side in (-1, 1):
+            ax, ay, L, h = side * 9.5, 4.5, SLEEVE[sleeve] + 1.5, 4.5  # sleeve axis from the armhole, half width h
+            dx, dy, px, py = side * sn, cs, side * cs, -sn  # along the sleeve, across it
+            d.polygon([P(ax + px * h, ay + py * h), P(ax + dx * L + px * h, ay + dy * L + py * h),
+                       P(ax + dx * L - px * h, ay + dy * L - py * h), P(ax - px * h, ay - py * h)], fill=255)
+    # necklines differ in width and depth as well as in shape
+    if neck == 0:  # round: a half disc cut from the top edge
+        d.ellipse([P(-7, -7), P(7, 7)], fill=0)
+    elif neck == 1:  # V: deep
+        d.polygon([P(-8, -1), P(8, -1), P(0, 15)], fill=0)
+    elif neck == 2:  # square: wide, almost to the shoulders, and deeper than round
+        d.rectangle([P(-9, -1), P(9, 10)], fill=0)
+    else:  # turtle: no opening, a tall collar standing above the shoulders
+        d.rectangle([P(-6.5, -7), P(6.5, 0.5)], fill=255)
+
+    # pattern, in units relative to the garment so it moves and scales with it, with a random phase; coarse, so
+    # that it shows at 64 px. Broadcasting a row of u against a column of v keeps this to one (W, W) array.
+    axis = np.arange(W, dtype=np.float32) * (64 / W)
+    u = ((axis - cx) / s + rng.uniform(0, 8))[None, :]  # (1, W)
+    v = ((axis - top) / s + rng.uniform(0, 8))[:, None]  # (W, 1)
+    if pattern == 1:  # horizontal stripes, 4 units thick
+        on = np.broadcast_to((v % 8) < 4, (W, W))
+    elif pattern == 2:  # dots on a staggered 8-unit grid
+        du, dv = (u + 4 * (np.floor(v / 8) % 2)) % 8 - 4, v % 8 - 4
+        on = du * du + dv * dv < 2.4 ** 2
+    elif pattern == 3:  # checks of 6-unit squares
+        on = (np.floor(u / 6) + np.floor(v / 6)) % 2 == 0
+    else:
+        on = np.zeros((W, W), dtype=bool)
+    hue = (HUE[colour] + rng.uniform(-6, 6)) / 360 % 1
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 0.9), rng.uniform(0.75, 0.95))
+    garment = Image.new("RGB", (W, W), tuple(round(255 * c) for c in rgb))
+    # the pattern in a dark shade of the same hue, so the colour stays readable
+    garment.paste(tuple(round(255 * 0.3 * c) for c in rgb), mask=Image.fromarray(on.astype(np.uint8) * 255))
+
+    # background: a low-saturation tone with a gentle gradient, drawn small and stretched (it is linear)
+    g = rng.uniform(*BACKGROUND) + rng.uniform(-0.03, 0.03, size=3)
+    gx, gy = rng.uniform(-0.08, 0.08, size=2)
+    ramp = np.linspace(-0.5, 0.5, 8)
+    bg = g + gx * ramp[None, :, None] + gy * ramp[:, None, None]  # (8, 8, 3)
+    bg = Image.fromarray((bg.clip(0, 1) * 255).round().astype(np.uint8)).resize((W, W), Image.BILINEAR)
+    img = Image.composite(garment, bg, mask).resize((size, size), Image.LANCZOS)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, NOISE_STD, size=(size, size, 3)).astype(np.float32)
+    return Image.fromarray(noisy.clip(0, 255).round().astype(np.uint8))
+
+
+def _synth_one(job):
+    path, values, seed, split_id, index, size = job
+    rng = np.random.default_rng([seed, split_id, index])  # per image: the same pixels with any number of workers
+    draw_garment(values, rng, size).save(path, quality=90)
+
+
+def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=0, size=64, workers=2):
+    """Write the synthetic set in the ASEN format: images/, filenames_*, label_train, query_/candidate_{valid,test},
+    meta.json (last, so its presence marks a finished set). Deterministic in seed."""
+    t0 = time.time()
+    rng = np.random.default_rng(seed)  # labels and splits; the pixels come from per-image generators
+    attrs, nvals = list(SYNTH_ATTRIBUTES), [len(v) for v in SYNTH_ATTRIBUTES.values()]
+    jobs = []
+    for split_id, (split, n) in enumerate([("train", num_train), ("valid", num_query + num_candidate),
+                                           ("test", num_query + num_candidate)]):
+        os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+        values = np.stack([rng.integers(k, size=n) for k in nvals], 1)  # (n, A): independent, uniform
+        names = [f"images/{split}/{i:05d}.jpg" for i in range(n)]
+        jobs += [(os.path.join(out, f), tuple(int(x) for x in values[i]), seed, split_id, i, size)
+                 for i, f in enumerate(names)]
+        with open(os.path.join(out, f"filenames_{split}.txt"), "w") as f:
+            f.writelines(p + "\n" for p in names)
+        if split == "train":  # every attribute of every image
+            with open(os.path.join(out, "label_train.txt"), "w") as f:
+                f.writelines(f"{i} " + " ".join(f"{a} {v}" for a, v in enumerate(values[i])) + "\n" for i in range(n))
+            continue
+        # Evaluation: each image listed once, under one attribute; attributes dealt round-robin over a shuffled
+        # order, so every attribute has the same share of queries and of candidates.
+        order = rng.permutation(n)
+        for role, ks in (("query", range(num_query)), ("candidate", range(num_query, n))):
+            rows = sorted((int(order[k]), k % len(attrs)) for k in ks)
+            with open(os.path.join(out, f"{role}_{split}.txt"), "w") as f:
+                f.writelines(f"{i} {a} {values[i, a]}\n" for i, a in rows)
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            for _ in pool.imap_unordered(_synth_one, jobs, chunksize=64):
+                pass
+    else:
+        for job in jobs:
+            _synth_one(job)
+    meta = {"ATTRIBUTES": attrs, "ATTRIBUTES_NUM": dict(zip(attrs, nvals)), "ATTRIBUTES_VALUES": SYNTH_ATTRIBUTES}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    print(f"synthetic: {len(jobs)} images of {size}x{size} px in {out} ({time.time() - t0:.1f} s)")
+
+# -----------------------------------------------------------------------------
+# data.py check: counts, chance level, missing and unreadable images, bad lines
+
+def check(name, root, decode=False):
+    """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
+    errors, paths = [], []
+    missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
+    if missing:
+        for p in missing:
+            print(f"missing: {p}")
+        print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
+              "create it with: python data.py synth --out " + root)
+        return 1
+    meta = load_meta(name, root)
+    A = len(meta["attributes"])
+    if name == "zappos":
+        paths = zappos_paths(root)
+        print(f"zappos: {len(paths)} images")
+        for split in ZAPPOS_SPLITS:
+            t = read_zappos_triplets(root, split, None, len(paths), errors)
+            per = np.bincount(t[:, 3], minlength=A)
+            print(f"{split:>6}: {len(t)} triplets: " + ", ".join(f"{c} {n}" for c, n in zip(meta["attributes"], per)))
+    else:
+        names = {s: read_filenames(os.path.join(root, f"filenames_{s}.txt")) for s in ("train", "valid", "test")}
+        paths = [os.path.join(root, p) for s in names for p in names[s]]
+        labels = read_labels(os.path.join(root, "label_train.txt"), len(names["train"]), meta, True, errors)
+        print(f"{name}: {len(meta['attributes'])} attributes, {sum(map(len, meta['values']))} values; images: "
+              + ", ".join(f"{s} {len(v)}" for s, v in names.items()))
+        table = {s: {r: read_items(name, root, s, r, errors)[1] for r in ("query", "candidate")}
+                 for s in ("valid", "test")}
+        print(f"{'attribute':<24}{'values':>7}{'train imgs':>11}{'no pos.':>8}"
+              + "".join(f"{s + ' q/c':>14}{'chance':>8}" for s in table))
+        chance = {s: chance_ap(t["query"], t["candidate"]) for s, t in table.items()}
+        for a, attr in enumerate(meta["attributes"]):
+            counts = np.bincount(labels[labels[:, 1] == a, 2], minlength=len(meta["values"][a]))
+            images = len(np.unique(labels[labels[:, 1] == a, 0]))
+            line = f"{attr:<24}{len(counts):>7}{images:>11}{int((counts < 2).sum()):>8}"  # no pos.: < 2 images
+            for s, t in table.items():
+                q, c = t["query"][:, 1] == a, t["candidate"][:, 1] == a
+                line += f"{f'{q.sum()}/{c.sum()}':>14}{chance[s][q].mean() if q.any() else 0:>8.3f}"
+            print(line)
+        for s, t in table.items():
+            fids = np.concatenate([t["query"][:, 0], t["candidate"][:, 0]])
+            dup = len(fids) - len(np.unique(fids))
+            print(f"{s}: {len(t['query'])} queries, {len(t['candidate'])} candidates, "
+                  f"chance mAP {chance[s].mean():.4f} (query-weighted)"
+                  + (f"; warning: {dup} images listed twice" if dup else ""))
+    # every listed image: present, and an image (header parse; --decode decodes each one fully)
+    absent, unreadable = [], []
+    for i, p in enumerate(paths):
+        if not os.path.isfile(p):
+            absent.append(p)
+            continue
+        try:
+            with Image.open(p) as im:
+                if decode:
+                    im.load()
+        except Exception as e:
+            unreadable.append(f"{p} ({e})")
+        if (i + 1) % 20000 == 0:
+            print(f"  looked at {i + 1}/{len(paths)} images")
+    for what, bad in (("bad lines", errors), ("missing images", absent), ("unreadable images", unreadable)):
+        print(f"{what}: {len(bad)}" + "".join(f"\n  {b}" for b in bad[:5]) + ("\n  ..." if len(bad) > 5 else ""))
+    ok = not (errors or absent or unreadable)
+    print("OK" if ok else "PROBLEMS FOUND")
+    return 0 if ok else 1
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write the synthetic dataset in the ASEN format")
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--num-train", type=int, default=6000, help="training images")
+    p.add_argument("--num-query", type=int, default=400, help="queries in each of valid and test")
+    p.add_argument("--num-candidate", type=int, default=1600, help="candidates in each of valid and test")
+    p.add_argument("--seed", type=int, default=0, help="seed: the same seed writes the same bytes")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--workers", type=int, default=2, help="processes drawing images (output does not depend on it)")
+    p = sub.add_parser("check", help="count, validate and look for every image of a dataset")
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset name")
+    p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME)")
+    p.add_argument("--decode", action="store_true", help="decode every image fully (slow), not just its header")
+    args = parser.parse_args()
+    if args.command == "synth":
+        make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
+                       args.workers)
+    else:
+        sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))

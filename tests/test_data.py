@@ -1,0 +1,443 @@
+"""Tests of data.py: readers on real-format files (CRLF included), triplet invariants, the synthetic set, check.
+
+tests/fixtures/fashionai/ holds the first 40 lines of real FashionAI split files of ASEN's protocol, byte for
+byte (CRLF ends), ASEN's combined meta.json and the FashionAI value names, copied from shared/reference/.
+The query and candidate fids of those heads point past line 40 of the filenames head.
+
+    python -m pytest -q tests/test_data.py
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+
+FIX = os.path.join(REPO, "tests", "fixtures", "fashionai")
+FASHIONAI = data.load_meta("fashionai", FIX)
+SMALL = dict(num_train=60, num_query=10, num_candidate=40)  # a synthetic set that writes in well under a second
+
+# -----------------------------------------------------------------------------
+# readers on the real FashionAI heads
+
+
+def test_fixtures_are_crlf():
+    for f in ("filenames_test.txt", "label_train.txt", "query_test.txt", "candidate_test.txt", "meta.json"):
+        with open(os.path.join(FIX, f), "rb") as fh:
+            assert b"\r\n" in fh.read(), f
+
+
+def test_read_filenames_crlf():
+    names = data.read_filenames(os.path.join(FIX, "filenames_test.txt"))
+    assert len(names) == 40
+    assert names[0] == "fashionAI_attributes_train2/Images/sleeve_length_labels/98cc08e67650d76f9f526c381d357f11.jpg"
+    assert names[-1] == "fashionAI_attributes_train2/Images/skirt_length_labels/873dbaf9767d65a623b59547bd583d1c.jpg"
+    assert not any(c.isspace() for n in names for c in n)
+
+
+def test_read_label_train_head():
+    rows = data.read_labels(os.path.join(FIX, "label_train.txt"), 40, FASHIONAI, multi=True)
+    assert rows.shape == (40, 3) and rows.dtype == np.int64
+    assert rows[0].tolist() == [0, 7, 3] and rows[-1].tolist() == [39, 5, 1]
+    assert rows[:, 0].tolist() == list(range(40))
+
+
+def test_read_query_and_candidate_heads():
+    q = data.read_labels(os.path.join(FIX, "query_test.txt"), 18000, FASHIONAI)
+    c = data.read_labels(os.path.join(FIX, "candidate_test.txt"), 18000, FASHIONAI)
+    assert q.shape == c.shape == (40, 3)
+    assert q[0].tolist() == [13924, 6, 0] and q[-1].tolist() == [3431, 0, 5]
+    assert c[0].tolist() == [0, 1, 4] and c[-1].tolist() == [47, 0, 2]
+    assert np.bincount(q[:, 1], minlength=8).tolist() == [8, 6, 2, 5, 3, 6, 7, 3]
+    assert not set(q[:, 0]) & set(c[:, 0])  # queries and candidates are disjoint images
+
+
+def test_candidate_attribute_matches_image_folder():
+    # A data fact of the real files: FashionAI images sit in a folder named after their attribute, and the
+    # candidate list gives that attribute. The reader and the meta's attribute order must agree with it.
+    names = data.read_filenames(os.path.join(FIX, "filenames_test.txt"))
+    c = data.read_labels(os.path.join(FIX, "candidate_test.txt"), 18000, FASHIONAI)
+    checked = 0
+    for fid, a, v in c[c[:, 0] < 40]:
+        assert f"/{FASHIONAI['attributes'][a]}_labels/" in names[fid]
+        checked += 1
+    assert checked >= 30
+
+
+def test_meta_from_asen_combined_file():
+    assert FASHIONAI["format"] == "asen" and len(FASHIONAI["attributes"]) == 8
+    assert [len(v) for v in FASHIONAI["values"]] == [6, 9, 8, 6, 5, 5, 10, 5]
+    assert FASHIONAI["attributes"][1] == "sleeve_length" and FASHIONAI["values"][1][6] == "Wrist Length"
+    darn = data.load_meta("darn", FIX)
+    assert len(darn["attributes"]) == 9 and sum(map(len, darn["values"])) == 185
+    assert darn["values"][2][3] == "value 3"
+    deep = data.load_meta("deepfashion", FIX)
+    assert len(deep["attributes"]) == 5 and sum(map(len, deep["values"])) == 1000
+
+
+def test_meta_single_file_with_value_names(tmp_path):
+    shutil.copy(os.path.join(FIX, "meta_with_value_names.json"), tmp_path / "meta.json")
+    meta = data.load_meta("darn", str(tmp_path))  # any name: the file's own ATTRIBUTES_VALUES win
+    assert meta["values"] == [data.FASHIONAI_VALUE_NAMES[a] for a in meta["attributes"]] == FASHIONAI["values"]
+
+
+def test_meta_errors_and_checkpoint_safe(tmp_path):
+    (tmp_path / "meta.json").write_text('{"FashionAI": {}}')
+    with pytest.raises(ValueError, match="meta.json"):
+        data.load_meta("darn", str(tmp_path))
+    zappos = data.load_meta("zappos", str(tmp_path))
+    assert zappos["attributes"] == ["class", "closure", "gender", "heel"] and zappos["values"] == [[], [], [], []]
+    torch.save({"meta": FASHIONAI, "z": zappos}, tmp_path / "ck.pt")  # the meta goes into checkpoints
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["meta"] == FASHIONAI
+
+
+@pytest.mark.parametrize("line, multi, what", [
+    ("3 x 1", False, "expected 'fid attr value'"),
+    ("3 1", False, "expected"),
+    ("3 1 2 4 1", False, "expected"),
+    ("3 1 2 4", True, "expected 'fid attr value [attr value ...]'"),
+    ("99 1 2", False, "fid 99 out of range"),
+    ("3 8 0", False, "attribute 8 out of range"),
+    ("3 1 9", False, "value 9 out of range"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, multi, what):
+    path = tmp_path / "query_test.txt"
+    path.write_bytes(b"0 1 4\r\n\r\n" + line.encode() + b"\r\n")  # the bad line is line 3, after a blank one
+    with pytest.raises(ValueError, match=re.escape(f"query_test.txt:3: {what}")):
+        data.read_labels(str(path), 50, FASHIONAI, multi=multi)
+    errors = []  # data.py check collects every bad line instead of stopping at the first
+    rows = data.read_labels(str(path), 50, FASHIONAI, multi=multi, errors=errors)
+    assert rows.tolist() == [[0, 1, 4]] and len(errors) == 1
+
+
+def test_eval_items_on_real_heads(tmp_path):
+    # a test split whose filenames file is the real head followed by made-up paths up to the largest fid
+    shutil.copy(os.path.join(FIX, "meta.json"), tmp_path)
+    for f in ("query_test.txt", "candidate_test.txt"):
+        shutil.copy(os.path.join(FIX, f), tmp_path)
+    head = data.read_filenames(os.path.join(FIX, "filenames_test.txt"))
+    names = head + [f"img/{i}.jpg" for i in range(40, 18000)]
+    (tmp_path / "filenames_test.txt").write_bytes("".join(n + "\r\n" for n in names).encode())
+    q = data.EvalItems("fashionai", str(tmp_path), "test", "query", 32)
+    c = data.EvalItems("fashionai", str(tmp_path), "test", "candidate", 32)
+    assert len(q) == len(c) == 40
+    assert q.paths[0] == os.path.join(str(tmp_path), "img/13924.jpg") and (q.attrs[0], q.values[0]) == (6, 0)
+    assert c.paths[0] == os.path.join(str(tmp_path), head[0]) and (c.attrs[0], c.values[0]) == (1, 4)
+    assert q.attrs.dtype == c.values.dtype == torch.int64
+
+
+def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"meta.json.*Maryeon/asen"):
+        data.prepare_dataset("fashionai", str(tmp_path / "fa"))
+    with pytest.raises(FileNotFoundError, match=r"filenames.json.*conditional-similarity-networks"):
+        data.prepare_dataset("zappos", str(tmp_path / "z"))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.prepare_dataset("imagenet")
+
+# -----------------------------------------------------------------------------
+# conditioned triplets
+
+
+def make_asen(root, labels, nvals):
+    """A label-only ASEN training set: labels = {fid: [(attr, value), ...]}; no images."""
+    os.makedirs(root, exist_ok=True)
+    attrs = [f"a{i}" for i in range(len(nvals))]
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        f.write('{"ATTRIBUTES": %s, "ATTRIBUTES_NUM": {%s}}' % (
+            str(attrs).replace("'", '"'), ", ".join(f'"{a}": {n}' for a, n in zip(attrs, nvals))))
+    n = max(labels) + 1
+    with open(os.path.join(root, "filenames_train.txt"), "w", newline="\r\n") as f:
+        f.writelines(f"img/{i}.jpg\n" for i in range(n))
+    with open(os.path.join(root, "label_train.txt"), "w", newline="\r\n") as f:
+        f.writelines(f"{i} " + " ".join(f"{a} {v}" for a, v in pairs) + "\n" for i, pairs in sorted(labels.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """400 images, 5 attributes. a0 (6 values) has values with 1 and 0 images, and some images carry two of its
+    values (DeepFashion does that); a1, a2 are plain; a3 has one value only (no negative possible); a4 has no
+    value with 2 images (no positive possible). Only a0, a1, a2 can be drawn."""
+    rng = np.random.default_rng(0)
+    labels = {}
+    for i in range(400):
+        pairs = [(0, int(rng.choice([0, 1, 2, 3])))]
+        if i % 7 == 0:
+            pairs.append((0, int(rng.choice([0, 1, 2, 3]))))
+        pairs += [(1, int(rng.integers(3))), (2, int(rng.integers(5))), (3, 0)]
+        if i < 4:
+            pairs.append((4, i))
+        labels[i] = pairs
+    labels[400] = [(0, 4), (1, 0)]  # a0 value 4: one image, never a first value; value 5: none
+    root = make_asen(str(tmp_path_factory.mktemp("toy")), labels, [6, 3, 5, 2, 4])
+    return root, {i: {a: {v for b, v in p if b == a} for a in range(5)} for i, p in labels.items()}
+
+
+def test_triplet_invariants(toy):
+    root, labels = toy
+    ds = data.TripletDataset("asen-toy", root, 32, 30000, seed=1)
+    t = ds.triplets
+    assert t.shape == (30000, 4) and t.dtype == np.int64 and len(ds) == 30000
+    counts = np.bincount(t[:, 3], minlength=5)
+    assert counts[3] == counts[4] == 0  # attributes that cannot give a triplet are skipped
+    for a, p, n, c in t:
+        assert a != p
+        shared = labels[a][c] & labels[p][c]
+        assert shared and labels[n][c] and any(v not in labels[n][c] for v in shared)
+        assert not (c == 0 and 4 in shared)  # a value with one image never gives a positive
+    # the condition is uniform over the 3 drawable attributes: chi-square, 2 dof, p = 0.001 -> 13.8
+    expected = len(t) / 3
+    assert ((counts[:3] - expected) ** 2 / expected).sum() < 13.8
+    # the first value is uniform among a1's values (each has >= 2 images)
+    v1 = np.array([min(labels[a][1] & labels[p][1]) for a, p, n, c in t[t[:, 3] == 1]])
+    expected = len(v1) / 3
+    assert ((np.bincount(v1, minlength=3) - expected) ** 2 / expected).sum() < 13.8
+
+
+def test_multilabel_negative_never_has_the_first_value(toy):
+    root, labels = toy
+    t = data.TripletDataset("asen-toy", root, 32, 30000, seed=2).triplets
+    t = t[t[:, 3] == 0]
+    for a, p, n, c in t:
+        if len(labels[a][0]) == len(labels[p][0]) == 1:
+            assert not labels[a][0] & labels[n][0]
+
+
+def test_triplets_deterministic_per_seed_and_epoch(toy):
+    root, _ = toy
+    ds = data.TripletDataset("asen-toy", root, 32, 5000, seed=3)
+    first = ds.triplets.copy()
+    ds.set_epoch(1)
+    assert not np.array_equal(ds.triplets, first)  # a fresh set each epoch
+    ds.set_epoch(0)
+    assert np.array_equal(ds.triplets, first)  # the constructor drew epoch 0
+    again = data.TripletDataset("asen-toy", root, 32, 5000, seed=3)
+    again.set_epoch(1)
+    ds.set_epoch(1)
+    assert np.array_equal(again.triplets, ds.triplets)
+    assert not np.array_equal(data.TripletDataset("asen-toy", root, 32, 5000, seed=4).triplets, first)
+
+
+@pytest.mark.parametrize("n", [6000, 6001])
+def test_ranks_draw_disjoint_shares_of_the_whole_set(toy, n):
+    root, _ = toy
+    whole = data.TripletDataset("asen-toy", root, 32, n, seed=5)
+    ranks = [data.TripletDataset("asen-toy", root, 32, n, seed=5, rank=r, world_size=2) for r in range(2)]
+    for ds in [whole] + ranks:
+        ds.set_epoch(7)
+    assert len(ranks[0]) == len(ranks[1]) == -(-n // 2)  # equal shares: DDP needs the same number of steps
+    merged = np.empty((2 * len(ranks[0]), 4), dtype=np.int64)
+    merged[0::2], merged[1::2] = ranks[0].triplets, ranks[1].triplets  # position k of the whole set -> rank k % 2
+    assert np.array_equal(merged[:n], whole.triplets)
+    assert np.array_equal(merged[n:], whole.triplets[: len(merged) - n])  # padding wraps around
+
+
+def test_triplets_draw_fast(toy):
+    root, _ = toy
+    ds = data.TripletDataset("asen-toy", root, 32, 100_000)
+    t0 = time.perf_counter()
+    ds.set_epoch(1)
+    assert time.perf_counter() - t0 < 1.0 and len(ds) == 100_000
+
+
+def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
+    root = make_asen(str(tmp_path), {0: [(0, 0)], 1: [(0, 1)], 2: [(1, 0)], 3: [(1, 0)]}, [2, 1])
+    with pytest.raises(ValueError, match="no triplet can be drawn"):
+        data.TripletDataset("asen-toy", root, 32, 10)
+
+# -----------------------------------------------------------------------------
+# zappos (CSN format)
+
+
+@pytest.fixture(scope="module")
+def zappos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zappos")
+    names = [f"Shoes/Boots/Brand {i}/{i}.jpg" for i in range(12)]  # paths with spaces, as in UT Zappos50K
+    (root / "filenames.json").write_text("".join(n + "\n" for n in names))
+    os.makedirs(root / "tripletlists")
+    lists = {}
+    for split in ("train", "val", "test"):
+        for c, cond in enumerate(data.ZAPPOS_CONDITIONS):
+            rows = [((3 * k + c) % 12, (3 * k + c + 1) % 12, (3 * k + c + 2) % 12) for k in range(5)]
+            lists[split, c] = rows
+            (root / "tripletlists" / f"{cond}_tripletlist_{split}.txt").write_bytes(
+                "".join(f"{a} {b} {d}\r\n" for a, b, d in rows).encode())
+    for i, n in enumerate(names):
+        os.makedirs(root / "ut-zap50k-images" / os.path.dirname(n), exist_ok=True)
+        Image.new("RGB", (40, 30), (20 * i, 0, 0)).save(root / "ut-zap50k-images" / n)
+    return str(root), lists
+
+
+def test_zappos_train_keeps_anchor_far_close_order(zappos):
+    root, lists = zappos
+    ds = data.TripletDataset("zappos", root, 16, 10, seed=0)  # 10 over 4 conditions: 3, 3, 2, 2 first lines
+    expected = {(a, close, far, c) for c, k in zip(range(4), (3, 3, 2, 2)) for a, far, close in lists["train", c][:k]}
+    assert {tuple(r) for r in ds.triplets.tolist()} == expected and len(ds) == 10
+    first = ds.triplets.copy()
+    ds.set_epoch(1)  # the fixed list, in a new order
+    assert {tuple(r) for r in ds.triplets.tolist()} == expected and not np.array_equal(first, ds.triplets)
+    ds.set_epoch(0)
+    assert np.array_equal(first, ds.triplets)
+    a, p, n, c = ds[0]
+    assert a.shape == (3, 16, 16) and isinstance(c, int)
+    assert data.prepare_dataset("zappos", root)[1]["format"] == "zappos"
+
+
+def test_zappos_eval_set_unique_items(zappos):
+    root, lists = zappos
+    ev = data.ZapposEvalSet(root, "valid", 16, num_triplets=20)  # "valid" reads CSN's *_val.txt
+    rows = [r + (c,) for c in range(4) for r in lists["val", c]]
+    assert ev.triplets.shape == (20, 3) and ev.conditions.tolist() == [r[3] for r in rows]
+    pairs = list(zip(ev.paths, ev.item_conditions.tolist()))
+    assert len(set(pairs)) == len(pairs) == len(ev)
+    for (a, far, close, c), t in zip(rows, ev.triplets.tolist()):
+        for fid, item in zip((a, far, close), t):
+            assert ev.paths[item].endswith(f"/{fid}.jpg") and ev.item_conditions[item] == c
+    image, cond, i = ev[3]
+    assert image.shape == (3, 16, 16) and cond == ev.item_conditions[3] and i == 3
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def test_load_image_resize_crop_normalise_flip(tmp_path):
+    x = np.zeros((60, 120, 3), dtype=np.uint8)
+    x[:, :60] = 255  # left half white, right half black
+    Image.fromarray(x).save(tmp_path / "a.png")
+    img = data.load_image(str(tmp_path / "a.png"), 32)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert img[:, :, 0].eq(1).all() and img[:, :, -1].eq(-1).all()  # mean = std = 0.5: [0, 1] -> [-1, 1]
+    assert torch.equal(data.load_image(str(tmp_path / "a.png"), 32, flip=True), img.flip(-1))
+
+
+def test_load_image_large_jpeg_decodes_reduced(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((100, 100, 1))).astype(np.uint8)  # 1200 x 1600
+    Image.fromarray(x).save(tmp_path / "big.jpg", quality=95)
+    fast = data.load_image(str(tmp_path / "big.jpg"), 64)
+    full = Image.open(tmp_path / "big.jpg").convert("RGB").resize((85, 64), Image.BILINEAR).crop((10, 0, 74, 64))
+    full = torch.from_numpy(np.array(full)).permute(2, 0, 1).float() / 127.5 - 1
+    assert fast.shape == (3, 64, 64) and (fast - full).abs().mean() < 0.05
+
+
+def test_load_image_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.jpg"):
+        data.load_image(str(tmp_path / "nothere.jpg"), 32)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(OSError, match="junk.jpg"):
+        data.load_image(str(tmp_path / "junk.jpg"), 32)
+    Image.new("RGB", (200, 200), (1, 2, 3)).save(tmp_path / "cut.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "cut.jpg").read_bytes()[:300])  # truncated
+    with pytest.raises(OSError, match="cut.jpg"):
+        data.load_image(str(tmp_path / "cut.jpg"), 32)
+
+# -----------------------------------------------------------------------------
+# the synthetic dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth") / "s")
+    data.make_synthetic(root, seed=3, workers=1, **SMALL)
+    return root
+
+
+def files_of(root):
+    out = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
+    return out
+
+
+def test_synthetic_is_deterministic(synth, tmp_path):
+    data.make_synthetic(str(tmp_path / "b"), seed=3, workers=2, **SMALL)  # other worker count, same bytes
+    a, b = files_of(synth), files_of(str(tmp_path / "b"))
+    assert len(a) == 60 + 2 * 50 + 9 and a == b
+    data.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **SMALL)
+    c = files_of(str(tmp_path / "c"))
+    assert c["label_train.txt"] != a["label_train.txt"] and c["images/train/00000.jpg"] != a["images/train/00000.jpg"]
+
+
+def test_synthetic_is_asen_format(synth):
+    root, meta = data.prepare_dataset("synthetic", synth)
+    A = len(meta["attributes"])
+    assert A >= 4 and all(3 <= len(v) <= 8 for v in meta["values"])
+    assert meta["values"][meta["attributes"].index("sleeve_length")][3] == "Long Sleeves"
+    labels = data.read_labels(os.path.join(root, "label_train.txt"), 60, meta, multi=True)
+    assert labels.shape == (60 * A, 3) and (np.bincount(labels[:, 0]) == A).all()  # every attribute of every image
+    for split in ("valid", "test"):
+        q = data.EvalItems("synthetic", root, split, "query", 64)
+        c = data.EvalItems("synthetic", root, split, "candidate", 64)
+        assert (len(q), len(c)) == (10, 40)
+        listed = sorted(q.paths + c.paths)
+        assert listed == sorted(set(listed)) and len(listed) == 50  # each image once, under one attribute
+        assert set(q.attrs.tolist()) == set(c.attrs.tolist()) == set(range(A))  # every attribute is covered
+        image, attr, value, i = q[0]
+        assert image.shape == (3, 64, 64) and -1 <= image.min() and image.max() <= 1 and i == 0
+    assert 0.15 < data.chance_map("synthetic", root, "test") < 0.5
+    ds = data.TripletDataset("synthetic", root, 64, 50)
+    a, p, n, cond = ds[0]
+    assert a.shape == p.shape == n.shape == (3, 64, 64) and 0 <= cond < A
+
+
+def test_chance_ap_by_hand():
+    # 1 query, 3 candidates of its attribute, 1 relevant: a random rank 1, 2, 3 gives AP 1, 1/2, 1/3
+    q = np.array([[0, 0, 1]])
+    c = np.array([[1, 0, 1], [2, 0, 0], [3, 0, 2], [4, 1, 1]])
+    assert data.chance_ap(q, c)[0] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    # 2 relevant of 3: rankings RRN, RNR, NRR give 1, (1 + 2/3)/2, (1/2 + 2/3)/2 -> mean 29/36
+    c[1, 2] = 1
+    assert data.chance_ap(q, c)[0] == pytest.approx(29 / 36)
+    assert data.chance_ap(np.array([[0, 0, 9]]), c)[0] == 0  # no relevant candidate: AP 0
+
+
+def test_prepare_dataset_creates_missing_synthetic(tmp_path, monkeypatch):
+    made, full_size = [], data.make_synthetic
+
+    def small(out):  # the default 10,000 images take too long for a test
+        made.append(out)
+        full_size(out, workers=1, **SMALL)
+
+    monkeypatch.setattr(data, "make_synthetic", small)
+    root, meta = data.prepare_dataset("synthetic", str(tmp_path / "syn"))
+    assert root == str(tmp_path / "syn") and len(made) == 1 and os.path.isfile(os.path.join(root, "meta.json"))
+    assert data.prepare_dataset("synthetic", root)[1] == meta and len(made) == 1  # made once
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+# -----------------------------------------------------------------------------
+# python data.py check / synth, as a user runs them
+
+
+def run(*args):
+    cmd = [sys.executable, os.path.join(REPO, "data.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_synth_and_check(tmp_path):
+    root = str(tmp_path / "s")
+    r = run("synth", "--out", root, "--num-train", "30", "--num-query", "10", "--num-candidate", "40",
+            "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    r = run("check", "--data", "synthetic", "--data-root", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "chance mAP" in r.stdout and "missing images: 0" in r.stdout
+    # now break it: delete an image, add a garbage line
+    os.remove(os.path.join(root, "images", "test", "00007.jpg"))
+    with open(os.path.join(root, "candidate_test.txt"), "a") as f:
+        f.write("12 oops\n")
+    lineno = sum(1 for _ in open(os.path.join(root, "candidate_test.txt")))
+    r = run("check", "--data", "synthetic", "--data-root", root)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "missing images: 1" in r.stdout and "images/test/00007.jpg" in r.stdout
+    assert f"candidate_test.txt:{lineno}: expected 'fid attr value'" in r.stdout
