@@ -4,6 +4,12 @@ Evaluation: the paper's metrics on a checkpoint, rebuilt from the checkpoint alo
     python evaluate.py --ckpt runs/synthetic/best.pt                 # mAP table of the test split
     python evaluate.py --ckpt best.pt --split valid --data-root /data/fashionai --json results.json
 
+Pictures (PNG, into --out; see visualize.py), with or without the scores (--no-score):
+
+    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --attention data/synthetic/images/test/00000.jpg
+    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --retrieve my_shirt.jpg --attr sleeve_length --topk 5
+    python evaluate.py --ckpt runs/compare/cca2/best.pt --no-score --embeddings --compare runs/compare/triplet/best.pt
+
 ASEN data (FashionAI, DARN, DeepFashion, synthetic): mAP per attribute, the query-weighted total
 (ASEN's "Total MeanAP", the number the paper's tables report) and the plain mean over attributes.
 Zappos50K: triplet prediction accuracy, overall and per condition. `mean_average_precision` and
@@ -286,7 +292,20 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    # pictures
+    p.add_argument("--no-score", action="store_true", help="skip the metrics (only make the pictures asked for)")
+    p.add_argument("--out", default=None, help="folder for the pictures (default: figures/ beside the checkpoint)")
+    p.add_argument("--attention", nargs="+", default=[], metavar="IMG", help="attention of every attribute over these images (paper Fig. 4)")
+    p.add_argument("--retrieve", default=None, metavar="IMG", help="an image (any file) to retrieve for, among the split's candidates")
+    p.add_argument("--attr", default=None, help="the attribute name for --retrieve")
+    p.add_argument("--topk", type=int, default=5, help="results shown by --retrieve")
+    p.add_argument("--embeddings", action="store_true", help="2-D projections of the split's embeddings per attribute (paper Fig. 5)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints drawn beside this one by --embeddings")
     args = p.parse_args(argv)
+    if args.retrieve and not args.attr:
+        p.error("--retrieve needs --attr NAME")
+    if args.topk < 1:
+        p.error(f"--topk must be at least 1, got {args.topk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta = ckpt["meta"]
@@ -299,12 +318,16 @@ def main(argv=None):
         raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
     cfg = model.cfg
     print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; scoring {args.split} of {root}")
-    t0 = time.time()
-    result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
-    chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5
-    print(format_results(result, meta, chance if meta["format"] == "asen" else None))
-    print(f"({time.time() - t0:.1f} s)")
-    if args.json:
+    result = None
+    if not args.no_score:
+        t0 = time.time()
+        result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
+        chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5
+        print(format_results(result, meta, chance if meta["format"] == "asen" else None))
+        print(f"({time.time() - t0:.1f} s)")
+    if args.attention or args.retrieve or args.embeddings:
+        draw_pictures(args, model, ckpt, root, device)
+    if args.json and result is not None:
         names = meta["attributes"]
         out = dict(checkpoint=args.ckpt, data=name, split=args.split, chance=chance, **{k: v for k, v in result.items()})
         for key in ("per_attribute", "per_attribute_queries", "per_condition", "per_condition_triplets"):
@@ -314,6 +337,50 @@ def main(argv=None):
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return result
+
+
+def draw_pictures(args, model, ckpt, root, device):
+    import visualize  # pillow drawing: only needed for pictures
+
+    meta = ckpt["meta"]
+    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
+        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
+    os.makedirs(out, exist_ok=True)
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
+    for img in args.attention:
+        print("wrote", visualize.attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")))
+    if not (args.retrieve or args.embeddings):
+        return
+    items = {role: EvalItems(meta["name"], root, args.split, role, model.cfg.img_size) for role in ("query", "candidate")}
+    feats = {role: embed_items(model, s, device, args.batch_size, args.workers) for role, s in items.items()}
+    if args.retrieve:
+        if args.attr not in meta["attributes"]:
+            raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
+        attr = meta["attributes"].index(args.attr)
+        # if the image is one of the split's labelled items for this attribute, mark the results right or wrong
+        known = {os.path.abspath(p): int(v) for s in items.values() for p, a, v in zip(s.paths, s.attrs, s.values) if a == attr}
+        path = os.path.join(out, f"retrieval_{stem(args.retrieve)}_{args.attr}.png")
+        results = visualize.retrieval_figure(model, args.retrieve, attr, meta, items["candidate"], feats["candidate"], path,
+                                             args.topk, known.get(os.path.abspath(args.retrieve)))
+        print(visualize.format_retrieval(results, meta, attr))
+        print("wrote", path)
+    if args.embeddings:
+        def panel(m, f, label):
+            q, c = items["query"], items["candidate"]
+            return (label, torch.cat([f["query"], f["candidate"]]).cpu(), torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values]))
+
+        label = lambda cfg: f"{cfg.method.upper()}" + (f" type-{cfg.condition_type}" if cfg.method == "cca" else "")  # noqa: E731
+        panels = [panel(model, feats, label(model.cfg))]
+        for other in args.compare:
+            m, _ = load_checkpoint(other, device)
+            f = {role: embed_items(m, s, device, args.batch_size, args.workers) for role, s in items.items()}
+            panels.append(panel(m, f, label(m.cfg)))
+        path = os.path.join(out, "embeddings.png")
+        scores = visualize.embedding_figure(panels, meta, path)
+        for title, per_attr in scores.items():
+            print(f"{title:<16s} nearest-centroid accuracy: " + ", ".join(f"{a} {s:.2f}" for a, s in per_attr.items()))
+        print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""
+Pictures of a trained CCA model, drawn with pillow alone: the attention of every condition over an
+image (the paper's Figure 4), attribute-specific retrieval (Figure A2), 2-D projections of each
+attribute's embedding space coloured by value (Figures 5 and 6), and retrieval for a user's own image.
+
+    from evaluate import load_checkpoint, embed_items
+    from data import EvalItems
+    import visualize
+    model, ckpt = load_checkpoint("runs/synthetic/best.pt"); meta = ckpt["meta"]
+    visualize.attention_figure(model, "shirt.jpg", meta, "attention.png")
+    cands = EvalItems(meta["name"], "data/synthetic", "test", "candidate", model.cfg.img_size)
+    feats = embed_items(model, cands, torch.device("cpu"))
+    print(visualize.format_retrieval(visualize.predict(model, "shirt.jpg", "sleeve_length", meta, cands, feats), meta, 0))
+
+Every figure function writes a PNG and returns what it computed, so that tests and scripts can check
+the numbers behind the picture. Layout sizes are the module constants below; a figure's width and
+height follow from them as each function's docstring states.
+"""
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from data import MEAN, STD, load_image
+
+# -----------------------------------------------------------------------------
+# layout (pixels)
+
+FONT_SIZE = 14
+LINE = 18  # height of one line of text
+PAD = 8  # margin around and between panels
+MIN_SIDE = 192  # image panels are scaled up by a whole factor to at least this side (64 px -> 192 px)
+MAX_COLS = 6  # the attention figure wraps into rows beyond this many panels
+SEP = 3 * PAD  # retrieval: the gap between the query and its results
+BORDER = 4  # retrieval: width of the correct / wrong frame
+PLOT = 200  # embedding figure: side of one scatter plot
+LABEL_W = 120  # embedding figure: the column of row titles (method names), wrapped at spaces
+DOT = 2  # embedding figure: point radius
+
+ALPHA = (0.3, 0.8)  # heat-map opacity at attention 0 and at 1: the image shows through where attention is low
+HEAT = [(0.0, (0, 0, 0)), (0.4, (0.8, 0, 0)), (0.75, (1, 0.8, 0)), (1.0, (1, 1, 1))]  # black-red-yellow-white
+# a qualitative palette (the ten "Tableau 10" hues); an attribute with more values reuses them in order
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+GREEN, RED, GREY, TEXT = (40, 160, 60), (210, 40, 40), (150, 150, 150), (20, 20, 20)
+
+
+@lru_cache(maxsize=None)
+def font(size=FONT_SIZE):
+    try:
+        return ImageFont.load_default(size=size)  # pillow >= 10.1: a scalable built-in font, no file needed
+    except TypeError:
+        return ImageFont.load_default()  # older pillow: one small bitmap size
+
+
+def fit(draw, text, width):
+    """text, cut with an ellipsis so that it fits in `width` pixels."""
+    if draw.textlength(text, font=font()) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font()) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def write_text(draw, xy, text, width, fill=TEXT, center=True):
+    """One line of text in the box [x, x + width) starting at y, centred unless center=False."""
+    text = fit(draw, text, width)
+    x = xy[0] + (width - draw.textlength(text, font=font())) / 2 if center else xy[0]
+    draw.text((x, xy[1]), text, fill=fill, font=font())
+
+
+def wrap(draw, text, width):
+    """Lines of at most `width` pixels, broken at spaces; a word longer than a line is cut by fit()."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font()) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return [fit(draw, line, width) for line in lines]
+
+
+def panel_side(img_size):
+    return img_size * max(1, math.ceil(MIN_SIDE / img_size))
+
+
+def value_name(meta, attr, value):
+    names = meta["values"][attr]
+    return names[value] if value < len(names) else f"value {value}"  # Zappos' meta has no value names
+
+
+def to_picture(image, side):
+    """A (3, S, S) model input in [-1, 1] -> a side x side PIL image of the original pixels."""
+    rgb = (image.detach().cpu().float() * STD[0] + MEAN[0]).clamp(0, 1)  # undo data.load_image's normalisation
+    return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((side, side), Image.BICUBIC)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+# -----------------------------------------------------------------------------
+# attention maps (Figure 4)
+
+
+def heat_map(att, side):
+    """att (heads, N) weights over the N = grid * grid patches -> (side, side) float array in [0, 1]:
+    mean over heads, min-max normalised (the figure shows where, not how much), bilinear upsampling."""
+    heads, N = att.shape
+    grid = math.isqrt(N)
+    if grid * grid != N:
+        raise ValueError(f"attention over {N} patches is not a square grid")
+    m = att.float().mean(0).reshape(1, 1, grid, grid)  # (1, 1, grid, grid)
+    m = (m - m.min()) / (m.max() - m.min()).clamp(min=1e-12)
+    m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)
+    return m[0, 0].clamp(0, 1).cpu().numpy()
+
+
+def colorize(m):
+    """(H, W) values in [0, 1] -> (H, W, 3) RGB in [0, 1] along the HEAT ramp."""
+    stops = [s for s, _ in HEAT]
+    return np.stack([np.interp(m, stops, [c[i] for _, c in HEAT]) for i in range(3)], axis=-1)
+
+
+def overlay(picture, m):
+    """Blend the heat map m (side, side) over a PIL picture of the same size, more opaque where m is high."""
+    img = np.asarray(picture, dtype=np.float64) / 255
+    alpha = (ALPHA[0] + (ALPHA[1] - ALPHA[0]) * m)[..., None]
+    out = (1 - alpha) * img + alpha * colorize(m)
+    return Image.fromarray((out * 255).round().astype(np.uint8))
+
+
+def grid_shape(n):
+    """(cols, rows) of n panels: at most MAX_COLS a row, rows as evenly filled as possible."""
+    rows = math.ceil(n / MAX_COLS)
+    return math.ceil(n / rows), rows
+
+
+@torch.no_grad()
+def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
+    """Write the input image and one heat map per attribute, each panel titled, to out_path (PNG).
+
+    Panels of side = panel_side(img_size) in grid_shape(K + 1) (cols, rows); each panel has a LINE-high
+    title above it. Size: width cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD.
+    Returns out_path.
+    """
+    if not hasattr(model, "attention_maps"):
+        raise ValueError(f"{type(model).__name__} has no attention_maps(images, conditions): only a model with a "
+                         "conditional attention block (CCA) has per-attribute attention to draw")
+    img_size = img_size or model.cfg.img_size
+    K = len(meta["attributes"])
+    if hasattr(model, "cfg") and model.cfg.num_conditions != K:
+        raise ValueError(f"the model has {model.cfg.num_conditions} conditions, meta lists {K} attributes {meta['attributes']}")
+    image = load_image(image_path, img_size)  # (3, S, S)
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    att = model.attention_maps(image[None].expand(K, -1, -1, -1).to(device), torch.arange(K, device=device))  # (K, heads, N)
+    model.train(was_training)
+    side = panel_side(img_size)
+    picture = to_picture(image, side)
+    panels = [("input", picture)] + [(meta["attributes"][k], overlay(picture, heat_map(att[k], side))) for k in range(K)]
+
+    cols, rows = grid_shape(len(panels))
+    fig = Image.new("RGB", (cols * side + (cols + 1) * PAD, rows * (LINE + side) + (rows + 1) * PAD), "white")
+    draw = ImageDraw.Draw(fig)
+    for i, (title, im) in enumerate(panels):
+        x, y = PAD + (i % cols) * (side + PAD), PAD + (i // cols) * (LINE + side + PAD)
+        write_text(draw, (x, y), title, side)
+        fig.paste(im, (x, y + LINE))
+    fig.save(out_path)
+    return out_path
+
+# -----------------------------------------------------------------------------
+# retrieval (Figure A2) and inference on one image
+
+
+@torch.no_grad()
+def retrieve(model, query_path, attr, meta, candidates, cand_feats, topk=5, query_value=None):
+    """The topk candidates of attribute `attr` nearest (cosine) to the query image embedded under `attr`.
+
+    candidates: a data.EvalItems (.paths, .attrs, .values); cand_feats (n, d): each candidate embedded
+    under its own attribute (evaluate.embed_items). Only candidates with attrs == attr are ranked (the
+    protocol of evaluate.mean_average_precision); equal scores keep the candidate list's order.
+    Returns [{rank, path, value, value_name, score, correct}], correct None when query_value is None.
+    """
+    if cand_feats.shape[0] != len(candidates.paths):
+        raise ValueError(f"{cand_feats.shape[0]} candidate features for {len(candidates.paths)} candidates")
+    idx = (candidates.attrs == attr).nonzero().squeeze(1)  # this attribute's candidates, in list order
+    if len(idx) == 0:
+        raise ValueError(f"no candidate of attribute {attr} ({meta['attributes'][attr]})")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    image = load_image(query_path, model.cfg.img_size)
+    q = model(image[None].to(device), torch.tensor([attr], device=device))[0]  # (d,)
+    model.train(was_training)
+    q = F.normalize(q.double().cpu(), dim=0)
+    c = F.normalize(cand_feats[idx].double().cpu(), dim=1)  # (n_attr, d)
+    scores = c @ q  # (n_attr,) cosine similarities, in float64 as evaluate.py
+    order = torch.sort(scores, descending=True, stable=True).indices[:topk]
+    results = []
+    for rank, j in enumerate(order.tolist(), 1):
+        i, v = int(idx[j]), int(candidates.values[idx[j]])
+        results.append(dict(rank=rank, path=candidates.paths[i], value=v, value_name=value_name(meta, attr, v),
+                            score=float(scores[j]), correct=None if query_value is None else v == int(query_value)))
+    return results
+
+
+def format_retrieval(results, meta, attr) -> str:
+    """The results as a text table: rank, cosine, value name, correct (when known), path."""
+    lines = [f"attribute {meta['attributes'][attr]}", f"{'rank':>4} {'cosine':>7}  {'value':<24} {'correct':<7}  path"]
+    for r in results:
+        ok = "" if r["correct"] is None else ("yes" if r["correct"] else "no")
+        lines.append(f"{r['rank']:>4} {r['score']:>7.4f}  {r['value_name']:<24} {ok:<7}  {r['path']}")
+    return "\n".join(lines)
+
+
+def draw_mark(draw, x, y, correct):
+    """A check (correct) or a cross (wrong) in a white disc of 20 px whose top-left corner is (x, y)."""
+    draw.ellipse([x, y, x + 20, y + 20], fill="white", outline=GREEN if correct else RED, width=2)
+    if correct:
+        draw.line([(x + 5, y + 10), (x + 9, y + 14), (x + 15, y + 6)], fill=GREEN, width=3)
+    else:
+        draw.line([(x + 6, y + 6), (x + 14, y + 14)], fill=RED, width=3)
+        draw.line([(x + 14, y + 6), (x + 6, y + 14)], fill=RED, width=3)
+
+
+def retrieval_figure(model, query_path, attr, meta, candidates, cand_feats, out_path, topk=5, query_value=None) -> list:
+    """Write the query and its topk results for attribute `attr` to out_path (PNG); return the results
+    (see `retrieve`). Results are framed green (same value as the query) or red when query_value is known.
+
+    Title line "attribute = query value", then the query, a gap SEP, and the k = len(results) results,
+    each side = panel_side(img_size) px with two caption lines (value name; rank and cosine).
+    Size: width PAD + side + SEP + k * (side + PAD), height 3 * PAD + 3 * LINE + side.
+    """
+    results = retrieve(model, query_path, attr, meta, candidates, cand_feats, topk, query_value)
+    S = model.cfg.img_size
+    side = panel_side(S)
+    k = len(results)
+    W, H = PAD + side + SEP + k * (side + PAD), 3 * PAD + 3 * LINE + side
+    fig = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(fig)
+    attr_name = meta["attributes"][attr]
+    wanted = "?" if query_value is None else value_name(meta, attr, int(query_value))
+    write_text(draw, (PAD, PAD), f"{attr_name} = {wanted}", W - 2 * PAD)
+    y = 2 * PAD + LINE
+    fig.paste(to_picture(load_image(query_path, S), side), (PAD, y))
+    write_text(draw, (PAD, y + side + 2), "query", side)
+    write_text(draw, (PAD, y + side + 2 + LINE), wanted, side)
+    for j, r in enumerate(results):
+        x = PAD + side + SEP + j * (side + PAD)
+        fig.paste(to_picture(load_image(r["path"], S), side), (x, y))
+        if r["correct"] is not None:
+            colour = GREEN if r["correct"] else RED
+            draw.rectangle([x - BORDER, y - BORDER, x + side + BORDER - 1, y + side + BORDER - 1], outline=colour, width=BORDER)
+            draw_mark(draw, x + side - 24, y + 4, r["correct"])
+        write_text(draw, (x, y + side + 2), r["value_name"], side)
+        write_text(draw, (x, y + side + 2 + LINE), f"#{r['rank']}  cos {r['score']:.3f}", side, fill=GREY)
+    fig.save(out_path)
+    return results
+
+
+def predict(model, image_path, attr_name, meta, candidates, cand_feats, topk=5, out_path=None) -> list:
+    """Inference on any image: its topk nearest candidates under the attribute named attr_name
+    (a name of meta["attributes"]). With out_path, also writes the retrieval figure there."""
+    names = meta["attributes"]
+    if attr_name not in names:
+        raise ValueError(f"unknown attribute {attr_name!r}; valid attributes: {', '.join(names)}")
+    attr = names.index(attr_name)
+    if out_path is not None:
+        return retrieval_figure(model, image_path, attr, meta, candidates, cand_feats, out_path, topk)
+    return retrieve(model, image_path, attr, meta, candidates, cand_feats, topk)
+
+# -----------------------------------------------------------------------------
+# embedding spaces (Figures 5 and 6)
+
+
+def centroid_accuracy(feats, values):
+    """Leave-one-out nearest-centroid accuracy of the L2-normalised feats (n, d) against values (n,):
+    each item is assigned the value whose centroid (without the item itself) is nearest. About 1/V for
+    features that ignore the value, 1 for values in separate clusters. NaN with fewer than 2 values;
+    an item alone in its value has no centroid of its own and counts as wrong."""
+    x = F.normalize(feats.double().cpu(), dim=1)  # (n, d)
+    classes, inv = torch.unique(values.cpu(), return_inverse=True)
+    if len(classes) < 2:
+        return float("nan")
+    counts = torch.bincount(inv).double()  # (V,)
+    sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64).index_add_(0, inv, x)  # (V, d)
+    d2 = torch.cdist(x, sums / counts[:, None]) ** 2  # (n, V)
+    own = (sums[inv] - x) / (counts[inv] - 1).clamp(min=1)[:, None]  # (n, d): own value's centroid without the item
+    d_own = ((x - own) ** 2).sum(1)
+    d2[torch.arange(len(x)), inv] = torch.where(counts[inv] > 1, d_own, torch.full_like(d_own, float("inf")))
+    return (d2.argmin(1) == inv).double().mean().item()
+
+
+def pca2(x):
+    """(n, d) -> (n, 2) coordinates along the two principal axes (SVD of the centred data), signs fixed
+    so that each axis's largest-magnitude coordinate is positive. Zeros where n < 2 or d < 2."""
+    x = x.double().cpu()
+    out = torch.zeros(len(x), 2, dtype=torch.float64)
+    if len(x) < 2:
+        return out
+    xc = x - x.mean(0)
+    _, _, Vh = torch.linalg.svd(xc, full_matrices=False)  # rows of Vh: principal axes
+    p = xc @ Vh[:2].T  # (n, <=2)
+    sign = torch.sign(p.gather(0, p.abs().argmax(0, keepdim=True)))  # (1, <=2): each axis's extreme coordinate
+    p = p * torch.where(sign == 0, 1.0, sign)
+    out[:, : p.shape[1]] = p
+    return out
+
+
+def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
+    """One row per (title, feats (n, d), attrs (n,), values (n,)) of `panels`, one column per attribute:
+    the 2-D PCA of that attribute's items, coloured by value, with the separation score below each plot;
+    a legend of value names under each column. Values beyond len(PALETTE) reuse colours.
+
+    Returns {title: {attribute name: leave-one-out nearest-centroid accuracy in the full embedding
+    space}} (see centroid_accuracy), over all of an attribute's items; the plot draws at most
+    max_points of them (a fixed random subset). Attributes with no items are drawn empty and left out.
+    Size: width LABEL_W + PAD + K * (PLOT + PAD), height 2 * PAD + LINE + rows * (PLOT + LINE + PAD)
+    + (V + 1) * LINE, V the largest number of values of an attribute (the legend, then a footnote).
+    """
+    names = meta["attributes"]
+    K, rows = len(names), len(panels)
+    seen = [max([int(v[at == a].max()) + 1 for _, _, at, v in panels if (at == a).any()], default=1) for a in range(K)]
+    nvals = [max(len(meta["values"][a]), seen[a]) for a in range(K)]  # Zappos' meta lists no values
+    W = LABEL_W + PAD + K * (PLOT + PAD)
+    top = PAD + LINE
+    legend_y = top + rows * (PLOT + LINE + PAD)
+    fig = Image.new("RGB", (W, legend_y + (max(nvals) + 1) * LINE + PAD), "white")
+    draw = ImageDraw.Draw(fig)
+    for a in range(K):
+        write_text(draw, (LABEL_W + PAD + a * (PLOT + PAD), PAD), names[a], PLOT)
+    scores = {}
+    g = torch.Generator().manual_seed(0)
+    for r, (title, feats, attrs, values) in enumerate(panels):
+        if not (feats.shape[0] == attrs.shape[0] == values.shape[0]):
+            raise ValueError(f"panel {title!r}: {feats.shape[0]} features, {attrs.shape[0]} attributes, {values.shape[0]} values")
+        y0 = top + r * (PLOT + LINE + PAD)
+        lines = wrap(draw, title, LABEL_W - PAD)
+        for i, line in enumerate(lines):
+            write_text(draw, (PAD, y0 + (PLOT - len(lines) * LINE) // 2 + i * LINE), line, LABEL_W - PAD, center=False)
+        scores[title] = {}
+        for a in range(K):
+            x0 = LABEL_W + PAD + a * (PLOT + PAD)
+            draw.rectangle([x0, y0, x0 + PLOT - 1, y0 + PLOT - 1], outline=(200, 200, 200))
+            sel = (attrs.cpu() == a).nonzero().squeeze(1)
+            if len(sel) == 0:
+                write_text(draw, (x0, y0 + PLOT // 2), "no items", PLOT, fill=GREY)
+                continue
+            f, v = feats[sel].cpu(), values[sel].cpu()
+            s = centroid_accuracy(f, v)
+            scores[title][names[a]] = s
+            write_text(draw, (x0, y0 + PLOT + 1), f"NC acc {s:.2f}, chance {1 / nvals[a]:.2f}", PLOT, fill=GREY)
+            p = pca2(f)  # (n, 2)
+            centre = (p.max(0).values + p.min(0).values) / 2
+            half = ((p.max(0).values - p.min(0).values).max() / 2).clamp(min=1e-12)  # one scale for both axes
+            xy = (p - centre) / half * (PLOT / 2 - 3 * DOT)  # within the frame
+            order = torch.randperm(len(sel), generator=g)[:max_points]  # random drawing order: no value always on top
+            for i in order.tolist():
+                px, py = x0 + PLOT / 2 + xy[i, 0].item(), y0 + PLOT / 2 - xy[i, 1].item()
+                draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=PALETTE[int(v[i]) % len(PALETTE)])
+    for a in range(K):
+        x0 = LABEL_W + PAD + a * (PLOT + PAD)
+        for j in range(nvals[a]):
+            y = legend_y + j * LINE
+            draw.rectangle([x0, y + 4, x0 + 9, y + 13], fill=PALETTE[j % len(PALETTE)])
+            write_text(draw, (x0 + 14, y), value_name(meta, a, j), PLOT - 14, center=False)
+    write_text(draw, (PAD, legend_y + max(nvals) * LINE), "NC acc: leave-one-out nearest-centroid accuracy of the value "
+               "in the full embedding space; chance: 1 / number of values", W - 2 * PAD, fill=GREY, center=False)
+    fig.save(out_path)
+    return scores
