@@ -137,3 +137,31 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
     assert ckpt["config"]["method"] == method
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0"])
     assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
+
+
+from test_data import zappos  # noqa: E402,F401  the CSN-format fixture (12 images, 5 triplets per list)
+
+
+def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path):  # noqa: F811
+    root, _ = zappos
+    train.main(["--data", "zappos", "--data-root", root, "--out-dir", str(tmp_path), "--arch", "tiny", "--img-size", "32", "--out-dim", "16",
+                "--batch-size", "4", "--num-triplets", "8", "--workers", "0", "--epochs", "1"])
+    ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
+    result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
+    assert result["num_triplets"] == 20 and set(result["per_condition"]) == {0, 1, 2, 3}
+    assert ckpt["meta"]["format"] == "zappos" and 0 <= result["total"] <= 1
+
+
+def test_compare_prints_the_table_with_a_random_row(synth, tmp_path, capsys):
+    import compare
+
+    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--out-dir", str(tmp_path),
+                  "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "16", "--workers", "0"])
+    out = capsys.readouterr().out
+    table = (tmp_path / "table.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["random embedding", "Triplet network", "CCA (Type-2)"]
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results["methods"]) == {"random", "triplet", "cca2"}
+    ckpt = torch.load(tmp_path / "cca2" / "best.pt", weights_only=True)
+    assert results["methods"]["cca2"]["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)  # scored like evaluate.py
+    assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
