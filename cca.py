@@ -15,6 +15,8 @@ Convert pretrained weights once into a checkpoint that training starts from:
 
     python cca.py convert R50+ViT-B_16.npz vit_r50_b16_224.pt --img-size 224
 
+The comparison methods of the paper's tables run on the same backbone (`Baseline`): the condition-blind
+Triplet network, TF-CSN and TF-ASEN; `build_model(cfg)` picks by `cfg.method`.
 Parameter names follow timm's `vit_base_r50_s16_224`, so a timm state dict loads strictly.
 """
 

@@ -12,6 +12,12 @@ attribute's embedding space coloured by value (Figures 5 and 6), and retrieval f
     feats = embed_items(model, cands, torch.device("cpu"))
     print(visualize.format_retrieval(visualize.predict(model, "shirt.jpg", "sleeve_length", meta, cands, feats), meta, 0))
 
+From the command line (evaluate.py's flags; PNGs go to --out):
+
+    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --attention data/synthetic/images/test/00016.jpg
+    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --retrieve my_shirt.jpg --attr sleeve_length
+    python evaluate.py --ckpt runs/compare/cca2/best.pt --no-score --embeddings --compare runs/compare/triplet/best.pt
+
 Every figure function writes a PNG and returns what it computed, so that tests and scripts can check
 the numbers behind the picture. Layout sizes are the module constants below; a figure's width and
 height follow from them as each function's docstring states.
