@@ -1,7 +1,7 @@
 """
 The paper's comparison (Table 2) in miniature: every method on the same backbone, data, budget and seed.
 
-    python compare.py                               # synthetic data, tiny model, CPU: about 45 minutes on 2 cores
+    python compare.py                               # synthetic data, tiny model, CPU: about 50 minutes on 2 cores
     python compare.py --methods cca2 triplet        # a subset
     python compare.py --epochs 10                   # a smaller budget for every method
 
