@@ -317,7 +317,7 @@ def main(argv=None):
     if disk_meta["attributes"] != meta["attributes"]:
         raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
     cfg = model.cfg
-    print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; scoring {args.split} of {root}")
+    print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; {args.split} split of {root}")
     result = None
     if not args.no_score:
         t0 = time.time()
@@ -366,16 +366,13 @@ def draw_pictures(args, model, ckpt, root, device):
         print(visualize.format_retrieval(results, meta, attr))
         print("wrote", path)
     if args.embeddings:
-        def panel(m, f, label):
-            q, c = items["query"], items["candidate"]
-            return (label, torch.cat([f["query"], f["candidate"]]).cpu(), torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values]))
-
-        label = lambda cfg: f"{cfg.method.upper()}" + (f" type-{cfg.condition_type}" if cfg.method == "cca" else "")  # noqa: E731
-        panels = [panel(model, feats, label(model.cfg))]
-        for other in args.compare:
-            m, _ = load_checkpoint(other, device)
-            f = {role: embed_items(m, s, device, args.batch_size, args.workers) for role, s in items.items()}
-            panels.append(panel(m, f, label(m.cfg)))
+        q, c = items["query"], items["candidate"]
+        attrs, values = torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values])
+        panels = []
+        for m in [model] + [load_checkpoint(p, device)[0] for p in args.compare]:
+            f = feats if m is model else {role: embed_items(m, s, device, args.batch_size, args.workers) for role, s in items.items()}
+            title = m.cfg.method.upper() + (f" type-{m.cfg.condition_type}" if m.cfg.method == "cca" else "")
+            panels.append((title, torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
         path = os.path.join(out, "embeddings.png")
         scores = visualize.embedding_figure(panels, meta, path)
         for title, per_attr in scores.items():

@@ -45,6 +45,14 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsy
     assert set(saved["per_attribute"]) <= set(best["meta"]["attributes"]) and 0 <= saved["chance"] < 1
     test = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
     assert 0 < test["total"] <= 1 and test["num_queries"] == 20
+    # the picture flags, as a user reaches them
+    img = os.path.join(synth, "images", "test", "00000.jpg")
+    ckpt = str(tmp_path / "best.pt")
+    evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--attention", img,
+                   "--retrieve", img, "--attr", "colour", "--topk", "3", "--embeddings", "--compare", ckpt])
+    assert sorted(os.listdir(tmp_path / "fig")) == ["attention_00000.png", "embeddings.png", "retrieval_00000_colour.png"]
+    with pytest.raises(SystemExit, match="valid attributes"):
+        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
 
 
 def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
