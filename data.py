@@ -249,6 +249,15 @@ def load_image(path, img_size, flip=False):
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)  # (3, S, S) in [0, 1]
     return (x - MEAN[0]) / STD[0]
 
+def missing_images(paths):
+    """The paths that are not files (DARN's images are partly gone from the web)."""
+    return [p for p in paths if not os.path.isfile(p)]
+
+
+def missing_message(missing, total, what):
+    return (f"{len(missing)} of {total} {what} images are missing, e.g. {missing[:5]}; "
+            f"'python data.py check' lists them all")
+
 # -----------------------------------------------------------------------------
 # training: conditioned triplets
 
@@ -263,12 +272,27 @@ class TripletDataset(torch.utils.data.Dataset):
         if self.meta["format"] == "zappos":
             self.paths = zappos_paths(root)
             t = read_zappos_triplets(root, "train", num_triplets, len(self.paths))
+            gone = self._missing(np.unique(t[:, :3]))
+            t = t[~np.isin(t[:, :3], gone).any(1)]  # a triplet with a missing image is left out
             self.fixed = t[:, [0, 2, 1, 3]]  # CSN's (anchor, far, close): close is the positive, far the negative
         else:
             names = read_filenames(os.path.join(root, "filenames_train.txt"))
             self.paths = [os.path.join(root, n) for n in names]
-            self._index(read_labels(os.path.join(root, "label_train.txt"), len(names), self.meta, multi=True))
+            labels = read_labels(os.path.join(root, "label_train.txt"), len(names), self.meta, multi=True)
+            gone = self._missing(np.unique(labels[:, 0]))
+            self._index(labels[~np.isin(labels[:, 0], gone)])  # missing images never enter a triplet
         self.set_epoch(0)  # usable without set_epoch
+
+    def _missing(self, fids):
+        """Check the training images once, up front: report the missing ones and train without them,
+        rather than crash in a loader worker hours into a run."""
+        missing = missing_images([self.paths[f] for f in fids])
+        if len(missing) == len(fids):
+            raise FileNotFoundError(missing_message(missing, len(fids), "training"))
+        if missing:
+            print(f"warning: {missing_message(missing, len(fids), 'training')}; training without them", flush=True)
+        gone = set(missing)
+        return np.array([f for f in fids if self.paths[f] in gone], dtype=np.int64)
 
     def _index(self, labels):
         # Group image ids by global value id g = offset[attr] + value, so that "an image of value g" is one lookup
@@ -328,6 +352,10 @@ class TripletDataset(torch.utils.data.Dataset):
             if len(bad) == 0:
                 break
             negative[bad] = draw_negative(bad)
+        else:  # still sharing the first value after 10 redraws: leave those triplets out
+            keep = np.ones(n, dtype=bool)
+            keep[bad] = False
+            anchor, positive, negative, k = anchor[keep], positive[keep], negative[keep], k[keep]
         return np.stack([anchor, positive, negative, self.eligible[k]], 1)
 
     def set_epoch(self, epoch):
@@ -360,6 +388,9 @@ class EvalItems(torch.utils.data.Dataset):
     def __init__(self, name, root, split, role, img_size):
         self.meta, self.img_size = load_meta(name, root), img_size
         self.paths, rows = read_items(name, root, split, role)
+        missing = missing_images(self.paths)  # a query or candidate left out would change the metric: refuse
+        if missing:
+            raise FileNotFoundError(missing_message(missing, len(self.paths), f"{split} {role}"))
         self.attrs, self.values = torch.from_numpy(rows[:, 1].copy()), torch.from_numpy(rows[:, 2].copy())
 
     def __len__(self):
@@ -379,6 +410,9 @@ class ZapposEvalSet(torch.utils.data.Dataset):
         pairs = np.stack([t[:, :3].reshape(-1), np.repeat(t[:, 3], 3)], 1)  # (3T, 2): image, condition
         items, inverse = np.unique(pairs, axis=0, return_inverse=True)
         self.paths = [paths[f] for f in items[:, 0]]
+        missing = missing_images(sorted(set(self.paths)))
+        if missing:
+            raise FileNotFoundError(missing_message(missing, len(set(self.paths)), f"zappos {split}"))
         self.item_conditions = torch.from_numpy(items[:, 1].copy())
         self.triplets = torch.from_numpy(inverse.reshape(-1, 3))  # (T, 3) item indices: anchor, far, close
         self.conditions = torch.from_numpy(t[:, 3].copy())  # (T,)

@@ -231,15 +231,20 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
 
 def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1):
     """Score `model` on a split ("valid" or "test"): mAP (ASEN data) or triplet accuracy (Zappos).
-    Every rank embeds its shard; the result dict is computed on every rank from the gathered features."""
+    Every rank embeds its shard and the features are gathered; the metric is computed once, on rank 0,
+    and the other ranks get None."""
     if meta["format"] == "zappos":
         items = ZapposEvalSet(root, split, img_size)
         f = embed_items(model, items, device, batch_size, workers, rank, world_size)
         t = items.triplets.to(device)
+        if rank != 0:
+            return None
         return triplet_accuracy(f[t[:, 0]], f[t[:, 1]], f[t[:, 2]], items.conditions.to(device), len(meta["attributes"]))
     sets = [EvalItems(meta["name"], root, split, role, img_size) for role in ("query", "candidate")]
     (qf, cf) = (embed_items(model, s, device, batch_size, workers, rank, world_size) for s in sets)
     q, c = sets
+    if rank != 0:
+        return None
     return mean_average_precision(qf, q.attrs.to(device), q.values.to(device), cf, c.attrs.to(device), c.values.to(device))
 
 
@@ -312,12 +317,25 @@ def main(argv=None):
     name = meta["name"]
     try:
         root, disk_meta = prepare_dataset(name, args.data_root or ckpt["args"]["data_root"])
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if disk_meta["attributes"] != meta["attributes"]:
         raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
+    for path in args.attention + ([args.retrieve] if args.retrieve else []):  # before any long work
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: image not found: {path}")
+    if args.retrieve and args.attr not in meta["attributes"]:
+        raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
     cfg = model.cfg
     print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; {args.split} split of {root}")
+    try:
+        return score_and_draw(args, model, ckpt, root, device)
+    except (OSError, ValueError) as e:  # a missing or corrupt image: say which
+        raise SystemExit(f"error: {e}")
+
+
+def score_and_draw(args, model, ckpt, root, device):
+    meta, name, cfg = ckpt["meta"], ckpt["meta"]["name"], model.cfg
     result = None
     if not args.no_score:
         t0 = time.time()
@@ -355,8 +373,6 @@ def draw_pictures(args, model, ckpt, root, device):
     items = {role: EvalItems(meta["name"], root, args.split, role, model.cfg.img_size) for role in ("query", "candidate")}
     feats = {role: embed_items(model, s, device, args.batch_size, args.workers) for role, s in items.items()}
     if args.retrieve:
-        if args.attr not in meta["attributes"]:
-            raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
         attr = meta["attributes"].index(args.attr)
         # if the image is one of the split's labelled items for this attribute, mark the results right or wrong
         known = {os.path.abspath(p): int(v) for s in items.values() for p, a, v in zip(s.paths, s.attrs, s.values) if a == attr}

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
     p.add_argument("--method", default="cca", choices=METHODS, help="cca (the paper's model), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
     p.add_argument("--condition-type", type=int, default=2, choices=(1, 2), help="condition token: 1 FC(onehot(c)), 2 FC(ReLU(M[c])) (paper eq. 2/3)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: 224; synthetic 32)")
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: 224 for vit_r50_b16, 64 for tiny; synthetic 32)")
     p.add_argument("--out-dim", type=int, default=1024, help="embedding width")
     p.add_argument("--pretrained", default=None, help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
@@ -164,7 +164,7 @@ def main(argv=None):
     rank, world, device = setup(args.device)
     try:
         train(args, rank, world, device)
-    except (FileNotFoundError, ValueError) as e:  # a missing dataset, a bad split file: say what and where
+    except (OSError, ValueError) as e:  # a missing dataset or image, a bad split file, a corrupt image: say what and where
         raise SystemExit(f"error: {e}")
     finally:
         cleanup()
@@ -174,18 +174,21 @@ def train(args, rank, world, device):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not divide over {world} ranks")
     per_rank = args.batch_size // world
-    # the synthetic set is written by rank 0 only; the others wait for it
-    if rank == 0:
+    # the synthetic set is written by rank 0 only while the others wait; real data is checked by every rank,
+    # so that a missing file stops all of them rather than leaving the others at the barrier
+    if rank == 0 or args.data != "synthetic":
         root, meta = prepare_dataset(args.data, args.data_root)
     if world > 1:
         dist.barrier()
-    if rank != 0:
+    if rank != 0 and args.data == "synthetic":
         root, meta = prepare_dataset(args.data, args.data_root)
     K = len(meta["attributes"])
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
     if resume is not None:
+        if resume["meta"]["name"] != args.data:
+            raise SystemExit(f"{args.resume} was trained on {resume['meta']['name']}, not on --data {args.data}")
         cfg = CCAConfig(**resume["config"])
     else:
         cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size, out_dim=args.out_dim,
@@ -263,15 +266,13 @@ def train(args, rank, world, device):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             t0 = time.time()
             result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world)
-            record["valid"] = result
-            print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance if meta['format'] == 'asen' else None)}")
-            if result["total"] > best:
-                best = result["total"]
-                if rank == 0:
-                    history.append(record)
-                    save_checkpoint(os.path.join(args.out_dir, "best.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history)
-                    history.pop()
-                print0(f"new best {100 * best:.2f}: saved {os.path.join(args.out_dir, 'best.pt')}")
+            if rank == 0:  # the metric exists on rank 0 only, and only rank 0 writes checkpoints
+                record["valid"] = result
+                print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance if meta['format'] == 'asen' else None)}")
+                if result["total"] > best:
+                    best = result["total"]
+                    save_checkpoint(os.path.join(args.out_dir, "best.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history + [record])
+                    print0(f"new best {100 * best:.2f}: saved {os.path.join(args.out_dir, 'best.pt')}")
         history.append(record)
         if rank == 0:
             save_checkpoint(os.path.join(args.out_dir, "last.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history)

@@ -127,6 +127,7 @@ def test_eval_items_on_real_heads(tmp_path):
     head = data.read_filenames(os.path.join(FIX, "filenames_test.txt"))
     names = head + [f"img/{i}.jpg" for i in range(40, 18000)]
     (tmp_path / "filenames_test.txt").write_bytes("".join(n + "\r\n" for n in names).encode())
+    touch_images(str(tmp_path), names)  # evaluation sets refuse missing images; the reader needs only the paths
     q = data.EvalItems("fashionai", str(tmp_path), "test", "query", 32)
     c = data.EvalItems("fashionai", str(tmp_path), "test", "candidate", 32)
     assert len(q) == len(c) == 40
@@ -147,8 +148,15 @@ def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
 # conditioned triplets
 
 
+def touch_images(root, names):
+    """Empty files where images would be: TripletDataset and EvalItems check that every image exists."""
+    for n in names:
+        os.makedirs(os.path.dirname(os.path.join(root, n)), exist_ok=True)
+        open(os.path.join(root, n), "wb").close()
+
+
 def make_asen(root, labels, nvals):
-    """A label-only ASEN training set: labels = {fid: [(attr, value), ...]}; no images."""
+    """A label-only ASEN training set: labels = {fid: [(attr, value), ...]}; empty files for images."""
     os.makedirs(root, exist_ok=True)
     attrs = [f"a{i}" for i in range(len(nvals))]
     with open(os.path.join(root, "meta.json"), "w") as f:
@@ -159,6 +167,7 @@ def make_asen(root, labels, nvals):
         f.writelines(f"img/{i}.jpg\n" for i in range(n))
     with open(os.path.join(root, "label_train.txt"), "w", newline="\r\n") as f:
         f.writelines(f"{i} " + " ".join(f"{a} {v}" for a, v in pairs) + "\n" for i, pairs in sorted(labels.items()))
+    touch_images(root, [f"img/{i}.jpg" for i in range(n)])
     return root
 
 

@@ -173,3 +173,18 @@ def test_compare_prints_the_table_with_a_random_row(synth, tmp_path, capsys):
     ckpt = torch.load(tmp_path / "cca2" / "best.pt", weights_only=True)
     assert results["methods"]["cca2"]["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)  # scored like evaluate.py
     assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
+
+
+def test_missing_images_are_reported_up_front(synth, tmp_path, capsys):
+    import shutil
+
+    root = str(tmp_path / "synthetic")
+    shutil.copytree(synth, root)
+    os.remove(os.path.join(root, "images", "train", "00003.jpg"))  # a training image gone: train without it
+    train.main(common(root, tmp_path / "run") + ["--epochs", "1"])
+    assert "1 of 120 training images are missing" in capsys.readouterr().out
+    query = open(os.path.join(root, "query_test.txt")).readline().split()[0]
+    name = open(os.path.join(root, "filenames_test.txt")).read().split()[int(query)]
+    os.remove(os.path.join(root, name))  # a test query gone: the metric would change, so refuse and say which
+    with pytest.raises(SystemExit, match=r"1 of 20 test query images are missing.*" + name.replace(".", r"\.")):
+        evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--workers", "0"])
