@@ -20,9 +20,10 @@ import time
 
 import torch
 
+import evaluate
 import train
 from data import DATASETS, EvalItems, chance_map, prepare_dataset
-from evaluate import embed_items, evaluate_split, load_checkpoint, mean_average_precision
+from evaluate import evaluate_split, load_checkpoint, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {
@@ -99,18 +100,10 @@ def main(argv=None):
         f.write(text + "\n")
     with open(os.path.join(args.out_dir, "results.json"), "w") as f:
         json.dump(dict(data=args.data, split=args.split, chance=chance, methods=results), f, indent=2, default=str)
-    if "cca2" in args.methods and "triplet" in args.methods:
-        import visualize
-
-        panels = []
-        for name in ("cca2", "triplet"):
-            model, _ = load_checkpoint(os.path.join(args.out_dir, name, "best.pt"), device)
-            items = [EvalItems(meta["name"], root, args.split, role, model.cfg.img_size) for role in ("query", "candidate")]
-            feats = torch.cat([embed_items(model, s, device) for s in items]).cpu()
-            panels.append((METHODS[name][0], feats, torch.cat([s.attrs for s in items]), torch.cat([s.values for s in items])))
-        scores = visualize.embedding_figure(panels, meta, os.path.join(args.out_dir, "embeddings.png"))
-        for title, per in scores.items():
-            print(f"{title:<16s} nearest-centroid accuracy: " + ", ".join(f"{a} {s:.2f}" for a, s in per.items()))
+    if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
+        ckpt = lambda name: os.path.join(args.out_dir, name, "best.pt")  # noqa: E731
+        evaluate.main(["--ckpt", ckpt("cca2"), "--compare", ckpt("triplet"), "--embeddings", "--no-score", "--split", args.split,
+                       "--data-root", root, "--out", args.out_dir] + (["--device", args.device] if args.device else []))
     print(f"wrote {args.out_dir}/table.md, results.json")
 
 

@@ -249,7 +249,7 @@ def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, w
 
 
 def format_results(result, meta, chance=None):
-    """The paper's table: one row per attribute, then the totals, each labelled."""
+    """The paper's table: one row per attribute, then the totals, each labelled; `chance` is printed for mAP."""
     names = meta["attributes"]
     lines = []
     if "per_attribute" in result:
@@ -340,8 +340,8 @@ def score_and_draw(args, model, ckpt, root, device):
     if not args.no_score:
         t0 = time.time()
         result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
-        chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5
-        print(format_results(result, meta, chance if meta["format"] == "asen" else None))
+        chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5  # zappos: a coin flip
+        print(format_results(result, meta, chance))
         print(f"({time.time() - t0:.1f} s)")
     if args.attention or args.retrieve or args.embeddings:
         draw_pictures(args, model, ckpt, root, device)
@@ -355,6 +355,11 @@ def score_and_draw(args, model, ckpt, root, device):
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return result
+
+
+def method_title(cfg):
+    """A method's name as the paper's tables write it."""
+    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
 
 
 def draw_pictures(args, model, ckpt, root, device):
@@ -387,8 +392,7 @@ def draw_pictures(args, model, ckpt, root, device):
         panels = []
         for m in [model] + [load_checkpoint(p, device)[0] for p in args.compare]:
             f = feats if m is model else {role: embed_items(m, s, device, args.batch_size, args.workers) for role, s in items.items()}
-            title = m.cfg.method.upper() + (f" type-{m.cfg.condition_type}" if m.cfg.method == "cca" else "")
-            panels.append((title, torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
+            panels.append((method_title(m.cfg), torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
         path = os.path.join(out, "embeddings.png")
         scores = visualize.embedding_figure(panels, meta, path)
         for title, per_attr in scores.items():

@@ -218,7 +218,7 @@ def train(args, rank, world, device):
     steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
     if steps == 0:
         raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
-    chance = chance_map(args.data, root, "valid") if meta["format"] == "asen" else 0.5
+    chance = chance_map(args.data, root, "valid") if meta["format"] == "asen" and rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
@@ -268,7 +268,7 @@ def train(args, rank, world, device):
             result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world)
             if rank == 0:  # the metric exists on rank 0 only, and only rank 0 writes checkpoints
                 record["valid"] = result
-                print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance if meta['format'] == 'asen' else None)}")
+                print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance)}")
                 if result["total"] > best:
                     best = result["total"]
                     save_checkpoint(os.path.join(args.out_dir, "best.pt"), raw, optimizer, scheduler, epoch, best, args, meta, history + [record])
