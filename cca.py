@@ -365,6 +365,8 @@ class CCA(HybridViT):
     """The Conditional Cross Attention network (paper Fig. 3)."""
 
     def __init__(self, cfg: CCAConfig):
+        if cfg.method != "cca":
+            raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
         s = cfg.sizes
         D = s["embed_dim"]
         super().__init__(cfg, ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
@@ -447,6 +449,8 @@ class Baseline(HybridViT):
     spatial and channel attention over the patch tokens."""
 
     def __init__(self, cfg: CCAConfig):
+        if cfg.method == "cca":
+            raise ValueError("method 'cca' is the CCA class: use build_model(cfg)")
         s = cfg.sizes
         D = s["embed_dim"]
         super().__init__(cfg, Block(D, s["num_heads"], s["mlp_ratio"]))

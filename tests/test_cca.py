@@ -434,6 +434,14 @@ def baseline(method, seed=0):
     return model.eval()
 
 
+def test_a_class_refuses_a_config_of_another_method():
+    from cca import Baseline
+    with pytest.raises(ValueError, match="build_model"):
+        CCA(CCAConfig(arch="tiny", num_conditions=3, img_size=32, method="csn"))
+    with pytest.raises(ValueError, match="build_model"):
+        Baseline(CCAConfig(arch="tiny", num_conditions=3, img_size=32, method="cca"))
+
+
 def test_triplet_baseline_ignores_the_condition():
     model = baseline("triplet")
     x = torch.randn(2, 3, 64, 64)
