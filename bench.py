@@ -7,17 +7,16 @@ Speed and memory of the CCA model's fast paths, measured side by side in one run
 Prints, for the same weights and inputs:
   1. all K conditions of a batch: `embed_all` (trunk once) vs one full forward per condition;
   2. block L: the single-query cross-attention vs the paper's eq. 4 form (q_c repeated to 1+N rows);
-  3. a training step on triplets (forward of 3 images, backward, Adam), fp32 vs bf16 autocast (CUDA),
-     with images per second and peak memory.
+  3. train.py's training step on triplets, fp32 vs bf16 autocast (CUDA; TF32 matmuls on in both, as in
+     train.py), with images per second and peak memory.
 """
 
 import argparse
 import time
 
 import torch
-import torch.nn.functional as F
-
 from cca import CCA, CCAConfig
+from train import train_step
 
 
 def timeit(fn, device, warmup=3, iters=10):
@@ -31,18 +30,6 @@ def timeit(fn, device, warmup=3, iters=10):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
-
-
-def eq4_block(model, x, q_c):
-    """Block L in the paper's form: the condition token repeated to every one of the 1+N positions."""
-    blk = model.blocks[-1]
-    B, T, D = x.shape
-    Q = blk.attn.query(blk.norm1(q_c.expand(B, T, D)))  # (B, heads, 1+N, head_dim)
-    k, v = blk.attn.key_value(blk.norm1(x))
-    a = F.scaled_dot_product_attention(Q, k, v)
-    y = x + blk.attn.proj(a.transpose(1, 2).reshape(B, T, D))
-    y = y + blk.mlp(blk.norm2(y))
-    return y[:, :1]
 
 
 def main():
@@ -77,7 +64,9 @@ def main():
         xt = model.trunk(x)
         q_c = model.condition(torch.zeros(B, dtype=torch.long, device=device))[:, None]
         t_single = timeit(lambda: model.blocks[-1](xt, q_c), device, iters=args.iters)
-        t_eq4 = timeit(lambda: eq4_block(model, xt, q_c), device, iters=args.iters)
+        # eq. 4: the same block with the condition token repeated to all 1+N positions (attention, proj and
+        # MLP on 1+N rows; row 0 is the single query's output)
+        t_eq4 = timeit(lambda: model.blocks[-1](xt, q_c.expand(-1, xt.shape[1], -1)), device, iters=args.iters)
         t_trunk = timeit(lambda: model.trunk(x), device, iters=args.iters)
     print(f"\n1. embeddings under all {K} conditions, {B} images")
     print(f"   embed_all (trunk once):        {t_all * 1e3:8.1f} ms  {B / t_all:8.0f} img/s")
@@ -94,25 +83,19 @@ def main():
     c = torch.randint(0, K, (B // 3,), device=device)
     xs = torch.randn(3 * (B // 3), 3, img, img, device=device)
 
-    def step(autocast):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            f = model(xs, c.repeat(3)).view(3, B // 3, -1)
-            loss = F.relu((f[0] * f[2]).sum(-1) - (f[0] * f[1]).sum(-1) + 0.2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    a, p, n = xs.chunk(3)
 
     print(f"\n3. training step, {B // 3} triplets ({3 * (B // 3)} images), Adam")
-    modes = [("fp32", False), ("bf16 autocast", True)] if gpu else [("fp32", False)]
+    modes = [("fp32 (tf32 mm)", False), ("bf16 autocast", True)] if gpu else [("fp32", False)]
     times = {}
     for label, ac in modes:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        times[label] = timeit(lambda: step(ac), device, iters=args.iters)
+        times[label] = timeit(lambda: train_step(model, opt, a, p, n, c, 0.2, ac), device, iters=args.iters)
         mem = f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
         print(f"   {label:14s} {times[label] * 1e3:8.1f} ms  {3 * (B // 3) / times[label]:8.0f} img/s  {mem}")
     if gpu:
-        print(f"   bf16 speed-up: {times['fp32'] / times['bf16 autocast']:.2f}x")
+        print(f"   bf16 speed-up: {times['fp32 (tf32 mm)'] / times['bf16 autocast']:.2f}x")
 
 
 if __name__ == "__main__":
