@@ -240,16 +240,25 @@ def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, w
         if rank != 0:
             return None
         return triplet_accuracy(f[t[:, 0]], f[t[:, 1]], f[t[:, 2]], items.conditions.to(device), len(meta["attributes"]))
-    sets = [EvalItems(meta["name"], root, split, role, img_size) for role in ("query", "candidate")]
-    (qf, cf) = (embed_items(model, s, device, batch_size, workers, rank, world_size) for s in sets)
-    q, c = sets
-    if rank != 0:
-        return None
-    return mean_average_precision(qf, q.attrs.to(device), q.values.to(device), cf, c.attrs.to(device), c.values.to(device))
+    items, feats = embed_split(model, meta, root, split, img_size, device, batch_size, workers, rank, world_size)
+    return split_map(items, feats) if rank == 0 else None
+
+
+def embed_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1):
+    """An ASEN split's {"query", "candidate"} EvalItems and their features (gathered on every rank)."""
+    items = {role: EvalItems(meta["name"], root, split, role, img_size) for role in ("query", "candidate")}
+    return items, {role: embed_items(model, s, device, batch_size, workers, rank, world_size) for role, s in items.items()}
+
+
+def split_map(items, feats):
+    """mean_average_precision of embed_split's output."""
+    q, c = items["query"], items["candidate"]
+    d = feats["query"].device
+    return mean_average_precision(feats["query"], q.attrs.to(d), q.values.to(d), feats["candidate"], c.attrs.to(d), c.values.to(d))
 
 
 def format_results(result, meta, chance=None):
-    """The paper's table: one row per attribute, then the totals, each labelled; `chance` is printed for mAP."""
+    """The paper's table: one row per attribute, then the totals, each labelled, then `chance` if given."""
     names = meta["attributes"]
     lines = []
     if "per_attribute" in result:
@@ -265,6 +274,8 @@ def format_results(result, meta, chance=None):
         for k, acc in result["per_condition"].items():
             lines.append(f"{names[k]:<24s} {result['per_condition_triplets'][k]:8d} {100 * acc:7.2f}")
         lines.append(f"{'total (over all triplets)':<41s} {100 * result['total']:7.2f}")
+        if chance is not None:
+            lines.append(f"{'chance level (a coin flip)':<41s} {100 * chance:7.2f}")
     return "\n".join(lines)
 
 
@@ -272,17 +283,27 @@ def format_results(result, meta, chance=None):
 # command line
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
+CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs; resuming needs RESUME_KEYS too
+RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")
+
+
+def read_checkpoint(path, keys=CHECKPOINT_KEYS):
+    """A train.py checkpoint as a dict, on the CPU; a clear error if the file is missing, unreadable or lacks `keys`."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: {path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}")
-    missing = [k for k in ("model", "config", "meta", "args") if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
     if missing:
         raise SystemExit(f"error: {path}: not a train.py checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
+    ckpt = read_checkpoint(path)
     model = build_model(CCAConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -324,6 +345,10 @@ def main(argv=None):
     for path in args.attention + ([args.retrieve] if args.retrieve else []):  # before any long work
         if not os.path.isfile(path):
             raise SystemExit(f"error: image not found: {path}")
+    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
+        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
+    if args.compare and not args.embeddings:
+        p.error("--compare draws beside --embeddings: add --embeddings")
     if args.retrieve and args.attr not in meta["attributes"]:
         raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
     cfg = model.cfg
@@ -337,17 +362,21 @@ def main(argv=None):
 def score_and_draw(args, model, ckpt, root, device):
     meta, name, cfg = ckpt["meta"], ckpt["meta"]["name"], model.cfg
     result = None
+    # the pictures of the split's items need its features: embed it once for them and for the scores
+    embedded = (embed_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
+                if args.retrieve or args.embeddings else None)
     if not args.no_score:
         t0 = time.time()
-        result = evaluate_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
-        chance = chance_map(name, root, args.split) if meta["format"] == "asen" else 0.5  # zappos: a coin flip
+        result = split_map(*embedded) if embedded else evaluate_split(model, meta, root, args.split, cfg.img_size, device,
+                                                                      args.batch_size, args.workers)
+        chance = chance_map(name, root, args.split)
         print(format_results(result, meta, chance))
         print(f"({time.time() - t0:.1f} s)")
     if args.attention or args.retrieve or args.embeddings:
-        draw_pictures(args, model, ckpt, root, device)
+        draw_pictures(args, model, ckpt, root, device, embedded)
     if args.json and result is not None:
         names = meta["attributes"]
-        out = dict(checkpoint=args.ckpt, data=name, split=args.split, chance=chance, **{k: v for k, v in result.items()})
+        out = dict(checkpoint=args.ckpt, data=name, split=args.split, chance=chance, **result)
         for key in ("per_attribute", "per_attribute_queries", "per_condition", "per_condition_triplets"):
             if key in out:
                 out[key] = {names[k]: v for k, v in out[key].items()}
@@ -362,12 +391,11 @@ def method_title(cfg):
     return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
 
 
-def draw_pictures(args, model, ckpt, root, device):
+def draw_pictures(args, model, ckpt, root, device, embedded=None):
+    """embedded: embed_split's (items, feats) of this model, for --retrieve and --embeddings."""
     import visualize  # pillow drawing: only needed for pictures
 
     meta = ckpt["meta"]
-    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
-        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
     os.makedirs(out, exist_ok=True)
     stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
@@ -375,8 +403,7 @@ def draw_pictures(args, model, ckpt, root, device):
         print("wrote", visualize.attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")))
     if not (args.retrieve or args.embeddings):
         return
-    items = {role: EvalItems(meta["name"], root, args.split, role, model.cfg.img_size) for role in ("query", "candidate")}
-    feats = {role: embed_items(model, s, device, args.batch_size, args.workers) for role, s in items.items()}
+    items, feats = embedded
     if args.retrieve:
         attr = meta["attributes"].index(args.attr)
         # if the image is one of the split's labelled items for this attribute, mark the results right or wrong

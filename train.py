@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
 from data import DATASETS, TripletDataset, chance_map, prepare_dataset
-from evaluate import evaluate_split, format_results
+from evaluate import CHECKPOINT_KEYS, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, workers=8)
@@ -185,7 +185,7 @@ def train(args, rank, world, device):
     K = len(meta["attributes"])
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    resume = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
+    resume = read_checkpoint(args.resume, CHECKPOINT_KEYS + RESUME_KEYS) if args.resume else None
     if resume is not None:
         if resume["meta"]["name"] != args.data:
             raise SystemExit(f"{args.resume} was trained on {resume['meta']['name']}, not on --data {args.data}")
@@ -218,7 +218,7 @@ def train(args, rank, world, device):
     steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
     if steps == 0:
         raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
-    chance = chance_map(args.data, root, "valid") if meta["format"] == "asen" and rank == 0 else None  # printed by rank 0
+    chance = chance_map(args.data, root, "valid") if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
@@ -251,7 +251,7 @@ def train(args, rank, world, device):
                     stats /= world
                 loss_v, acc_v = stats.tolist()
                 if not math.isfinite(loss_v):
-                    raise SystemExit(f"loss is {loss_v} at epoch {epoch} step {step + 1}: stopping (lower --lr?)")
+                    raise SystemExit(f"loss is {loss_v} at epoch {epoch + 1} step {step + 1}: stopping (lower --lr?)")
                 dt = time.time() - t_log
                 ips = 3 * args.batch_size * n_sum / dt
                 eta = (time.time() - t_start) / done_steps * (total_steps - done_steps)

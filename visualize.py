@@ -202,7 +202,9 @@ def retrieve(model, query_path, attr, meta, candidates, cand_feats, topk=5, quer
     model.eval()
     device = model_device(model)
     image = load_image(query_path, model.cfg.img_size)
-    q = model(image[None].to(device), torch.tensor([attr], device=device))[0]  # (d,)
+    # under the same autocast as evaluate.embed_items, so that the query and the candidates are embedded alike
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        q = model(image[None].to(device), torch.tensor([attr], device=device))[0].float()  # (d,)
     model.train(was_training)
     q = F.normalize(q.double().cpu(), dim=0)
     c = F.normalize(cand_feats[idx].double().cpu(), dim=1)  # (n_attr, d)

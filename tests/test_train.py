@@ -53,6 +53,12 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsy
     assert sorted(os.listdir(tmp_path / "fig")) == ["attention_00000.png", "embeddings.png", "retrieval_00000_colour.png"]
     with pytest.raises(SystemExit, match="valid attributes"):
         evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
+    # scores and pictures in one call embed the split once, for both: the same scores as scoring alone
+    both = evaluate.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig2"), "--retrieve", img, "--attr", "colour"])
+    assert both == test
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--compare", ckpt])  # --compare without --embeddings
+    assert "--compare draws beside --embeddings" in capsys.readouterr().err
 
 
 def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
@@ -115,6 +121,37 @@ def test_ddp_step_on_two_ranks_equals_one_process_with_the_whole_batch(tmp_path)
     assert moved > 10  # the step did change the weights
 
 
+def gather_worker(rank, init_file, n, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    idx = torch.tensor(evaluate.shard(n, rank, 2))
+    feats = torch.stack([idx.float(), -idx.float()], 1)  # each row names its item
+    gathered = evaluate.gather_by_index(feats, idx, n)
+    if rank == 0:
+        torch.save(gathered, out)
+    dist.destroy_process_group()
+
+
+def test_gather_by_index_on_uneven_shards_puts_every_item_back_once(tmp_path):
+    n = 7  # rank 0 embeds 4 items, rank 1 three: rank 1's shard is padded for the all-gather
+    mp.spawn(gather_worker, args=(str(tmp_path / "pg"), n, str(tmp_path / "g.pt")), nprocs=2)
+    gathered = torch.load(tmp_path / "g.pt", weights_only=True)
+    expected = torch.stack([torch.arange(n).float(), -torch.arange(n).float()], 1)
+    assert torch.equal(gathered, expected)
+
+
+def test_a_nan_loss_stops_the_run_before_any_checkpoint(synth, tmp_path, monkeypatch):
+    real = train.triplet_loss
+
+    def nan_loss(a, p, n, margin):
+        loss, acc = real(a, p, n, margin)
+        return loss * float("nan"), acc
+
+    monkeypatch.setattr(train, "triplet_loss", nan_loss)
+    with pytest.raises(SystemExit, match="loss is nan at epoch 1 step 1"):
+        train.main(common(synth, tmp_path) + ["--epochs", "1"])
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
 def test_triplet_loss_is_eq9_with_cosine_distance():
     a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     p = torch.tensor([[0.6, 0.8], [1.0, 0.0]])  # cos 0.6, 1.0
@@ -140,6 +177,9 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(SystemExit, match="broken.pt"):
         evaluate.main(["--ckpt", str(tmp_path / "broken.pt")])
+    torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
+    with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
+        train.main(common(synth, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
 
 
 @pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
