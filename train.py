@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,11 +33,14 @@ from data import DATASETS, TripletDataset, chance_map, prepare_dataset
 from evaluate import CHECKPOINT_KEYS, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
-RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, workers=8)
+RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, workers=8, cache_images=False, eval_every=1)
 # The demo's budget was chosen by measurement (README, "How the demo's settings were chosen"): at 5e-4 and above the
 # tiny model trained from scratch collapses every condition but colour to a constant; 32 px trains about 3.5x
-# faster than 64 px on a CPU and learned faster per triplet too.
-DEMO = dict(arch="tiny", img_size=32, epochs=30, batch_size=32, num_triplets=4_000, lr=2e-4, workers=1)
+# faster than 64 px on a CPU and learned faster per triplet too; 45 epochs is what fits 10 minutes on 2 cores.
+# Its 6,000 training images are decoded once into memory (18 MB) and batched in the training process: a loader
+# worker decoding JPEGs would take one of a laptop's few cores from the model. Validation every 3 epochs.
+DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, workers=0, cache_images=True,
+            eval_every=3)
 
 
 def parse_args(argv=None):
@@ -45,7 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
-    p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 1)")
+    p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the training images once into memory, 3*S*S bytes each per rank (default: synthetic only)")
     # model
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
     p.add_argument("--method", default="cca", choices=METHODS, help="cca (the paper's model), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
@@ -54,14 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--out-dim", type=int, default=1024, help="embedding width")
     p.add_argument("--pretrained", default=None, help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
-    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; synthetic 30)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; synthetic 45)")
     p.add_argument("--batch-size", type=int, default=None, help="triplets per step over all ranks (default: 64, the paper; synthetic 32)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 1e-4, the paper; synthetic 2e-4)")
     p.add_argument("--lr-decay", type=float, default=0.985, help="learning rate factor after each epoch (ASEN)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin m of eq. 9")
     # evaluation
-    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N epochs and after the last (default: 1; synthetic 3)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="images per batch when embedding the validation split")
     # system
     p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/DATA)")
@@ -201,7 +207,8 @@ def train(args, rank, world, device):
     model.to(device)
     print0(f"model {cfg.arch}, method {cfg.method} (type-{cfg.condition_type} condition token for cca), {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel for the whole update (CUDA and CPU); a few per cent of the demo's CPU step (bench.py, 3.)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)  # stepped once per epoch
     start_epoch, best, history = 0, -1.0, []
     if resume is not None:
@@ -214,7 +221,8 @@ def train(args, rank, world, device):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True)
+    data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True,
+                          cache=args.cache_images)
     steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
     if steps == 0:
         raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
@@ -229,8 +237,11 @@ def train(args, rank, world, device):
         data.set_epoch(epoch)
         # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
         torch.manual_seed(args.seed + 1000 * epoch + rank)
-        loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=False, drop_last=True, num_workers=args.workers,
-                                             pin_memory=use_amp, persistent_workers=False)
+        if data.images is not None:  # decoded in memory: a batch is a few tensor ops in this process, no loader
+            loader = (data.batch(np.arange(i * per_rank, (i + 1) * per_rank)) for i in range(steps))
+        else:
+            loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=False, drop_last=True, num_workers=args.workers,
+                                                 pin_memory=use_amp, persistent_workers=False)
         model.train()
         loss_sum = torch.zeros((), device=device)
         acc_sum = torch.zeros((), device=device)

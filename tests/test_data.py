@@ -6,6 +6,7 @@ The query and candidate fids of those heads point past line 40 of the filenames 
 
     python -m pytest -q tests/test_data.py
 """
+import json
 import os
 import re
 import shutil
@@ -400,6 +401,36 @@ def test_synthetic_is_asen_format(synth):
     assert a.shape == p.shape == n.shape == (3, 64, 64) and 0 <= cond < A
 
 
+@pytest.mark.parametrize("which", ["synth", "zappos"])
+def test_cached_triplets_equal_decoded_ones(which, request):
+    """cache=True must give the very tensors of decoding each time, flips included."""
+    name, root = ("synthetic", request.getfixturevalue("synth")) if which == "synth" else ("zappos", request.getfixturevalue("zappos")[0])
+    plain = data.TripletDataset(name, root, 16, 40, seed=1)
+    cached = data.TripletDataset(name, root, 16, 40, seed=1, cache=True)
+    used = np.unique(plain.triplets[:, :3]) if name == "zappos" else np.unique(plain.members)
+    assert cached.images.shape == (len(used), 3, 16, 16) and cached.images.dtype == torch.uint8
+    flipped = 0
+    for i in range(len(plain)):
+        torch.manual_seed(i)
+        want = plain[i]
+        torch.manual_seed(i)
+        got = cached[i]
+        assert got[3] == want[3] and all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))
+        torch.manual_seed(i)
+        flipped += sum((torch.rand(3) < 0.5).tolist())
+    assert 0 < flipped < 3 * len(plain)  # both branches of the flip were compared
+    # the training loop's batched path: the same images as decoding each one with its flip
+    rows = np.arange(len(plain) - 7, len(plain))
+    flips = torch.rand(len(rows), 3) < 0.5
+    a, p, n, c = cached.batch(rows, flips)
+    assert a.shape == (len(rows), 3, 16, 16) and c.tolist() == plain.triplets[rows, 3].tolist()
+    for k, r in enumerate(rows):
+        for x, j, f in zip((a, p, n), plain.triplets[r, :3], flips[k]):
+            assert torch.equal(x[k], data.load_image(plain.paths[j], 16, bool(f)))
+    with pytest.raises(RuntimeError, match="cache=True"):
+        plain.batch(rows)
+
+
 def test_chance_ap_by_hand():
     # 1 query, 3 candidates of its attribute, 1 relevant: a random rank 1, 2, 3 gives AP 1, 1/2, 1/3
     q = np.array([[0, 0, 1]])
@@ -423,6 +454,19 @@ def test_prepare_dataset_creates_missing_synthetic(tmp_path, monkeypatch):
     assert root == str(tmp_path / "syn") and len(made) == 1 and os.path.isfile(os.path.join(root, "meta.json"))
     assert data.prepare_dataset("synthetic", root)[1] == meta and len(made) == 1  # made once
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    # a set drawn by an older data.py (no version, or another one) is refused, naming the folder, not trained on
+    path = os.path.join(root, "meta.json")
+    raw = json.load(open(path))
+    for old in (None, data.SYNTH_VERSION - 1):
+        if old is None:
+            raw.pop("SYNTHETIC_VERSION")
+        else:
+            raw["SYNTHETIC_VERSION"] = old
+        with open(path, "w") as f:
+            json.dump(raw, f)
+        with pytest.raises(ValueError, match=re.escape(f"{root} holds a synthetic set drawn by an older data.py (version {old or 1}")):
+            data.prepare_dataset("synthetic", root)
+    assert len(made) == 1
 
 # -----------------------------------------------------------------------------
 # python data.py check / synth, as a user runs them
