@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode the training images once into memory, 3*S*S bytes each per rank (default: synthetic only)")
+                   help="decode the training images once into memory, 3*S*S bytes each per rank, and batch them without "
+                        "loader workers (default: synthetic only)")
     # model
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
     p.add_argument("--method", default="cca", choices=METHODS, help="cca (the paper's model), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
