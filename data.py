@@ -421,10 +421,9 @@ class TripletDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         a, p, n, c = self.triplets[i].tolist()
         flips = (torch.rand(3) < 0.5).tolist() if self.flip else [False] * 3  # DataLoader seeds torch per worker
-        if self.images is not None:
-            images = [normalise(self.images[self.slot[j]], f) for j, f in zip((a, p, n), flips)]
-        else:
-            images = [load_image(self.paths[j], self.img_size, f) for j, f in zip((a, p, n), flips)]
+        raw = (self.images[self.slot[j]] if self.images is not None else read_image(self.paths[j], self.img_size)
+               for j in (a, p, n))
+        images = [normalise(x, f) for x, f in zip(raw, flips)]
         return images[0], images[1], images[2], c
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from evaluate import CHECKPOINT_KEYS, RESUME_KEYS, evaluate_split, format_result
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, workers=8, cache_images=False, eval_every=1)
 # The demo's budget was chosen by measurement (README, "How the demo's settings were chosen"): at 5e-4 and above the
 # tiny model trained from scratch collapses every condition but colour to a constant; 32 px trains about 3.5x
-# faster than 64 px on a CPU and learned faster per triplet too; 45 epochs is what fits 10 minutes on 2 cores.
+# faster than 64 px on a CPU and learned faster per triplet too; 45 epochs took 8 to 10 minutes on 2 cores (README).
 # Its 6,000 training images are decoded once into memory (18 MB) and batched in the training process: a loader
 # worker decoding JPEGs would take one of a laptop's few cores from the model. Validation every 3 epochs.
 DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, workers=0, cache_images=True,
