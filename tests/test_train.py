@@ -162,7 +162,8 @@ def test_triplet_loss_is_eq9_with_cosine_distance():
 
 
 def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
-    for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--condition-type", "3"]):
+    for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"],
+                ["--condition-type", "3"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
@@ -180,6 +181,39 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
     with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
         train.main(common(synth, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
+
+
+def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
+    real, demo = train.parse_args(["--data", "fashionai"]), train.parse_args([])
+    assert (real.arch, real.batch_size, real.lr, real.margin, real.epochs, real.trunk_warmup) == ("vit_r50_b16", 64, 1e-4, 0.2, 200, 0)
+    assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 45, 625)
+    assert train.parse_args(["--margin", "0.3"]).margin == 0.3  # a flag beats either default
+
+
+def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth, tmp_path):
+    model = CCA(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16))
+    trunk, rest = train.param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(trunk["params"]) + len(rest["params"]) == len(names)
+    # the trunk group is exactly what HybridViT.trunk uses: a gradient from trunk() reaches it and nothing else
+    model.trunk(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert {names[id(p)] for p in trunk["params"]} == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert {names[id(p)].split(".")[0] for p in rest["params"]} == {"blocks", "norm", "condition", "head"}
+    opt = torch.optim.Adam([trunk, rest], lr=1e-3)
+    for step, factor in ((0, 0.0), (5, 0.5), (10, 1.0), (99, 1.0)):
+        train.set_trunk_lr(opt, step, 10)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+    train.set_trunk_lr(opt, 0, 0)
+    assert opt.param_groups[0]["lr"] == 1e-3  # no warmup
+    # two steps with a warmup far longer than the run: the trunk stays put (rates 0 and 1e-9 of lr), block L moves
+    train.main(common(synth, tmp_path) + ["--epochs", "1", "--trunk-warmup", "1000000000"])
+    torch.manual_seed(0)  # train.py --seed 0 draws these initial weights
+    before = CCA(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16)).state_dict()
+    after = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    assert torch.allclose(after["pos_embed"], before["pos_embed"], atol=1e-6)
+    assert torch.allclose(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"], atol=1e-6)
+    assert not torch.allclose(after["blocks.3.attn.qkv.weight"], before["blocks.3.attn.qkv.weight"], atol=1e-6)
+    assert not torch.allclose(after["condition.mask"], before["condition.mask"], atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
