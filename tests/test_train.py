@@ -72,6 +72,12 @@ def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
     assert [h["epoch"] for h in b["history"]] == [0, 1]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+    # a last.pt from before the trunk had its own learning-rate group: refused with a message, not a traceback
+    groups = b["optimizer"]["param_groups"]
+    b["optimizer"]["param_groups"] = [dict(groups[1], params=groups[0]["params"] + groups[1]["params"])]
+    torch.save(b, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="old.pt: written by an older train.py"):
+        train.main(common(synth, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "old.pt")])
 
 
 def test_torchrun_two_ranks_gloo(synth, tmp_path):
