@@ -157,7 +157,8 @@ def param_groups(model):
     """[trunk, rest]: the stem, [CLS], position embedding and blocks 1..L-1 (HybridViT.trunk), then block L, the
     condition token or the baseline's conditional parts, and the head."""
     last = f"blocks.{len(model.blocks) - 1}."
-    trunk = [p for n, p in model.named_parameters() if n.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.")) and not n.startswith(last)]
+    trunk = [p for n, p in model.named_parameters()
+             if n.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.")) and not n.startswith(last)]
     ids = {id(p) for p in trunk}
     return [dict(params=trunk, name="trunk"), dict(params=[p for p in model.parameters() if id(p) not in ids], name="rest")]
 
