@@ -168,7 +168,7 @@ def test_triplet_loss_is_eq9_with_cosine_distance():
 
 
 def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
-    for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"],
+    for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"], ["--trunk-warmup", "-1"],
                 ["--condition-type", "3"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
