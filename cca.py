@@ -356,6 +356,10 @@ class HybridViT(nn.Module):
             x = block(x)
         return x
 
+    def trunk_parameters(self):
+        """The parameters trunk() uses: the stem, [CLS], the position embedding and blocks 1..L-1."""
+        return [*self.patch_embed.parameters(), self.cls_token, self.pos_embed, *(p for b in self.blocks[:-1] for p in b.parameters())]
+
     def backbone_keys(self):
         """The names a pretrained R50+ViT-B/16 provides: everything but the conditional parts and the head."""
         return [k for k in self.state_dict() if not k.startswith(("condition.", "head."))]
