@@ -134,8 +134,16 @@ def setup(device_arg):
     return rank, world, device
 
 
-def cleanup():
+def cleanup(finished):
+    """Tear the process group down. After a finished run every rank first waits at a barrier: no rank exits while
+    rank 0 still validates and saves, and gloo's worker thread can drop the tensors of the last all_gather (which
+    needs the GIL) while the interpreter is still running. A rank that reached interpreter exit within milliseconds
+    of its last all_gather aborted with "terminate called without an active exception": that thread asked a
+    finalizing interpreter for the GIL (docs/LOG.md has the backtrace). After an error there is no barrier: the other
+    ranks may never reach it."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -203,12 +211,14 @@ def fmt_time(s):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
+    finished = False
     try:
         train(args, rank, world, device)
+        finished = True
     except (OSError, ValueError) as e:  # a missing dataset or image, a bad split file, a corrupt image: say what and where
         raise SystemExit(f"error: {e}")
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 def train(args, rank, world, device):
