@@ -61,6 +61,16 @@ FASHIONAI_VALUE_NAMES = {
     "neck_design": ["Invisible", "Turtle Neck", "Ruffle Semi-High Collar", "Low Turtle Neck", "Draped Collar"],
 }
 
+# The attribute names of ASEN's meta.json per dataset: a folder's own meta.json tells which dataset it holds.
+ASEN_ATTRIBUTES = {
+    "fashionai": list(FASHIONAI_VALUE_NAMES),
+    "darn": ["clothes category", "clothes button", "clothes color", "clothes length", "clothes pattern",
+             "clothes shape", "collar shape", "sleeve length", "sleeve shape"],
+    "deepfashion": ["texture-related", "fabric-related", "shape-related", "part-related", "style-related"],
+}
+TITLES = {"synthetic": "the synthetic set", "fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion",
+          "zappos": "UT Zappos50K"}
+
 # -----------------------------------------------------------------------------
 # meta: attribute names and value names, a plain dict (it is saved inside checkpoints)
 
@@ -108,11 +118,55 @@ def required_files(name, root):
     return [os.path.join(root, f) for f in ASEN_FILES]
 
 
+def identify(root):
+    """What a folder holds, judged from its own files: ["synthetic"] for a set drawn by this file (its meta.json has
+    SYNTHETIC_VERSION, or, before version 2, the synthetic attributes' value names), ["zappos"] for CSN's files, the
+    ASEN datasets its meta.json fits (ASEN's combined file fits all three, unless the folder's name says which), or []
+    for none of these."""
+    if os.path.isfile(os.path.join(root, "filenames.json")) and os.path.isdir(os.path.join(root, "tripletlists")):
+        return ["zappos"]
+    try:
+        with open(os.path.join(root, "meta.json"), encoding="utf-8-sig") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    if "SYNTHETIC_VERSION" in raw or raw.get("ATTRIBUTES_VALUES") == SYNTH_ATTRIBUTES:
+        return ["synthetic"]
+    if isinstance(raw.get("ATTRIBUTES"), list):  # one dataset's meta: its attribute names tell which, if known
+        found = [n for n, attrs in ASEN_ATTRIBUTES.items() if set(attrs) == {str(a) for a in raw["ATTRIBUTES"]}]
+        return found or list(ASEN_SECTIONS)
+    found = [n for n, section in ASEN_SECTIONS.items() if section in raw]
+    named = [n for n in found if n in os.path.basename(os.path.normpath(root)).lower()]
+    return named or found
+
+
+def looks_like(root, found):
+    """'ROOT looks like DARN (ASEN's split files)', for an error message."""
+    form = "CSN's triplet lists" if found == ["zappos"] else "drawn by data.py" if found == ["synthetic"] else "ASEN's split files"
+    return f"{root} looks like {' or '.join(TITLES[n] for n in found)} ({form})"
+
+
+def check_folder(name, root):
+    """Refuse a folder whose own files show that it holds another dataset than --data says, before anything is
+    read or written there: above all a real dataset under --data synthetic (the default), which would otherwise be
+    taken for a synthetic set to redraw."""
+    found = identify(root)
+    if name == "synthetic" and found and found != ["synthetic"]:
+        raise ValueError(f"{looks_like(root, found)}, not the synthetic set: add " + " or ".join(f"--data {n}" for n in found))
+    if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
+        raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
+                         f"give --data the dataset it belongs to, or another --data-root")
+    return found
+
+
 def prepare_dataset(name, root=None):
     """Resolve root (default data/NAME); create the synthetic set when missing; else fail naming what is missing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     root = root or os.path.join("data", name)
+    found = check_folder(name, root)
     if name == "synthetic" and not os.path.exists(os.path.join(root, "meta.json")):
         # meta.json is written last, so its absence means "missing or unfinished". Build in a private folder and
         # rename it into place: several processes (torchrun) may race here, and a rename is all-or-nothing.
@@ -129,6 +183,8 @@ def prepare_dataset(name, root=None):
     for path in required_files(name, root):
         if not os.path.isfile(path):
             hint = "" if name == "synthetic" else "; " + HINTS["zappos" if name == "zappos" else "asen"]
+            if found and name not in found:
+                hint = f"; {looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found)
             raise FileNotFoundError(f"{name}: missing {path}{hint}")
     if name == "synthetic":
         with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
@@ -634,12 +690,16 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
 def check(name, root, decode=False):
     """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
     errors, paths = [], []
+    found = check_folder(name, root)
     missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
     if missing:
         for p in missing:
             print(f"missing: {p}")
-        print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
-              "create it with: python data.py synth --out " + root)
+        if found and name not in found:
+            print(f"{looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found))
+        else:
+            print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
+                  "create it with: python data.py synth --out " + root)
         return 1
     meta = load_meta(name, root)
     A = len(meta["attributes"])
@@ -717,4 +777,7 @@ if __name__ == "__main__":
         make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
                        args.workers)
     else:
-        sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        try:
+            sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        except (OSError, ValueError) as e:  # a folder of another dataset, an unreadable meta.json: one line
+            sys.exit(f"error: {e}")

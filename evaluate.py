@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cca import CCAConfig, build_model
-from data import EvalItems, ZapposEvalSet, chance_map, prepare_dataset
+from data import EvalItems, ZapposEvalSet, chance_map, identify, looks_like, prepare_dataset
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -336,8 +336,13 @@ def main(argv=None):
     model, ckpt = load_checkpoint(args.ckpt, device)
     meta = ckpt["meta"]
     name = meta["name"]
+    root = args.data_root or ckpt["args"]["data_root"]
+    found = identify(root)
+    if found and name not in found:  # e.g. a demo checkpoint with --data-root of a real dataset
+        raise SystemExit(f"error: {args.ckpt} was trained on {name}, but {looks_like(root, found)}: give --data-root "
+                         f"a folder of {name}, or score a checkpoint trained on " + " or ".join(found))
     try:
-        root, disk_meta = prepare_dataset(name, args.data_root or ckpt["args"]["data_root"])
+        root, disk_meta = prepare_dataset(name, root)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if disk_meta["attributes"] != meta["attributes"]:

@@ -145,6 +145,48 @@ def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         data.prepare_dataset("imagenet")
 
+def asen_folder(root, meta_source="meta.json"):
+    """The fixture's FashionAI heads as a whole ASEN folder (every split file present, short or empty)."""
+    os.makedirs(root)
+    for f in data.ASEN_FILES:
+        src = os.path.join(FIX, meta_source if f == "meta.json" else f)
+        shutil.copy(src, os.path.join(root, f)) if os.path.isfile(src) else open(os.path.join(root, f), "w").close()
+    return root
+
+
+def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_synthetic_set(tmp_path, zappos):
+    before = sorted(os.listdir(tmp_path))
+    # ASEN's combined meta.json fits FashionAI, DARN and DeepFashion; the folder's name picks one when it can
+    for folder, named in (("fashionai", "FashionAI"), ("data", "FashionAI or DARN or DeepFashion")):
+        root = asen_folder(str(tmp_path / folder))
+        with pytest.raises(ValueError) as e:
+            data.prepare_dataset("synthetic", root)
+        assert str(e.value).startswith(f"{root} looks like {named} (ASEN's split files), not the synthetic set: add --data")
+        assert "older" not in str(e.value) and "delete" not in str(e.value)
+    # a meta.json of one dataset: its attribute names tell which (here FashionAI's, in a folder named otherwise)
+    root = asen_folder(str(tmp_path / "mine"), "meta_with_value_names.json")
+    with pytest.raises(ValueError, match=re.escape("looks like FashionAI (ASEN's split files), not the synthetic set: add --data fashionai")):
+        data.prepare_dataset("synthetic", root)
+    root = str(tmp_path / "darn")
+    os.makedirs(root)
+    (tmp_path / "darn" / "meta.json").write_text(json.dumps({"ATTRIBUTES": data.ASEN_ATTRIBUTES["darn"], "ATTRIBUTES_NUM": [2] * 9}))
+    with pytest.raises(ValueError, match=re.escape("looks like DARN (ASEN's split files), not the synthetic set: add --data darn")):
+        data.prepare_dataset("synthetic", root)
+    zroot = zappos[0]
+    with pytest.raises(ValueError, match=re.escape(f"{zroot} looks like UT Zappos50K (CSN's triplet lists), not the synthetic set: add --data zappos")):
+        data.prepare_dataset("synthetic", zroot)
+    assert not os.path.exists(os.path.join(zroot, "meta.json")) and not os.path.exists(os.path.join(zroot, "images"))
+    # the right --data with a file missing: the message says which dataset the folder does hold
+    with pytest.raises(FileNotFoundError, match=re.escape(f"looks like UT Zappos50K (CSN's triplet lists): add --data zappos")):
+        data.prepare_dataset("fashionai", zroot)
+    # a meta.json of nothing known is not called a synthetic set either
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text('{"classes": 3}')
+    with pytest.raises(ValueError, match="is not a synthetic set's meta.json"):
+        data.prepare_dataset("synthetic", str(tmp_path / "other"))
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["fashionai", "data", "mine", "darn", "other"])  # nothing drawn
+    assert data.prepare_dataset("fashionai", str(tmp_path / "fashionai"))[1]["name"] == "fashionai"
+
 # -----------------------------------------------------------------------------
 # conditioned triplets
 
@@ -494,3 +536,11 @@ def test_cli_synth_and_check(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "missing images: 1" in r.stdout and "images/test/00007.jpg" in r.stdout
     assert f"candidate_test.txt:{lineno}: expected 'fid attr value'" in r.stdout
+
+
+def test_cli_check_without_data_on_a_real_folder_says_which_dataset(tmp_path):
+    root = asen_folder(str(tmp_path / "fashionai"))
+    r = run("check", "--data-root", root)  # --data left out: synthetic
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {root} looks like FashionAI (ASEN's split files), not the synthetic set: "
+                                             "add --data fashionai"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 import evaluate
 import train
 from cca import CCA, CCAConfig
-from data import make_synthetic
+from data import ASEN_FILES, make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,7 +232,7 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
     assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
 
 
-from test_data import zappos  # noqa: E402,F401  the CSN-format fixture (12 images, 5 triplets per list)
+from test_data import asen_folder, zappos  # noqa: E402,F401  an ASEN folder; the CSN-format fixture (12 images, 5 triplets per list)
 
 
 def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path):  # noqa: F811
@@ -272,3 +273,26 @@ def test_missing_images_are_reported_up_front(synth, tmp_path, capsys):
     os.remove(os.path.join(root, name))  # a test query gone: the metric would change, so refuse and say which
     with pytest.raises(SystemExit, match=r"1 of 20 test query images are missing.*" + name.replace(".", r"\.")):
         evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--workers", "0"])
+
+
+def untrained_checkpoint(path, root):
+    """A checkpoint of train.py's layout with untrained weights: enough for evaluate.py's checks, in no time."""
+    from dataclasses import asdict
+
+    from data import prepare_dataset
+
+    meta = prepare_dataset("synthetic", root)[1]
+    cfg = CCAConfig(arch="tiny", num_conditions=len(meta["attributes"]), img_size=32, out_dim=16)
+    torch.save(dict(model=CCA(cfg).state_dict(), config=asdict(cfg), meta=meta, args={"data_root": root}, epoch=0), path)
+    return str(path)
+
+
+def test_a_real_folder_without_its_data_flag_is_named_in_train_and_evaluate(synth, tmp_path):
+    root = asen_folder(str(tmp_path / "fashionai"))
+    with pytest.raises(SystemExit, match=re.escape(f"error: {root} looks like FashionAI (ASEN's split files), not the synthetic set: "
+                                                   "add --data fashionai")):
+        train.main(["--data-root", root, "--out-dir", str(tmp_path / "run")])
+    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {ckpt} was trained on synthetic, but {root} looks like FashionAI")):
+        evaluate.main(["--ckpt", ckpt, "--data-root", root, "--workers", "0"])
+    assert sorted(os.listdir(root)) == sorted(ASEN_FILES)  # nothing drawn into it
