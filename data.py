@@ -419,7 +419,22 @@ class TripletDataset(torch.utils.data.Dataset):
             self.rank_in_nonempty[g] = np.arange(len(g))
 
     def _draw(self, rng, n):
-        """n triplets (anchor, positive, negative, attribute) by the rule of SPEC 3, each step one array op."""
+        """Exactly n triplets (anchor, positive, negative, attribute): _draw_some's, topped up by fresh draws for the
+        triplets it left out, so that an epoch holds the number of triplets asked for."""
+        parts, have, barren = [], 0, 0
+        while have < n:
+            t = self._draw_some(rng, n - have)
+            parts.append(t)
+            have += len(t)
+            barren = 0 if len(t) else barren + 1
+            if barren == 100:  # no label set of a real dataset comes near: every negative shares the first value
+                raise ValueError("label_train.txt: the negatives drawn keep sharing the anchor's value (an image labelled "
+                                 "with every value of an attribute?): no triplet can be completed")
+        return np.concatenate(parts)
+
+    def _draw_some(self, rng, n):
+        """Up to n triplets by ASEN's rule, each step one array op; those whose negative still has the first value
+        after 10 redraws are left out."""
         k = rng.integers(len(self.eligible), size=n)  # attribute uniform over the attributes that can give one
         v1 = self.pos[k, rng.integers(0, self.npos[k])]  # first value uniform among those with >= 2 images
         ia = rng.integers(0, self.count[v1])
@@ -485,15 +500,45 @@ class TripletDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # evaluation sets
 
-class EvalItems(torch.utils.data.Dataset):
-    """The query or candidate items of an ASEN split: (image, attribute, value, index)."""
+# What evaluation does with a listed image that is not there (--eval-missing): "error" refuses the split, because an
+# item left out changes the metric; "drop" scores without it, and the result says it is not comparable with published
+# numbers (DARN's images are partly gone from the web: it can only be scored so).
+EVAL_MISSING = ("error", "drop")
+DROP_HINT = "; --eval-missing drop scores without them (not comparable with published numbers)"
 
-    def __init__(self, name, root, split, role, img_size):
+
+def check_eval_images(name, root, missing="error", splits=("valid", "test")):
+    """Look for every image of the evaluation splits, as train.py does before its first step (a missing one would
+    otherwise stop a run at its first validation, an epoch in). Raises under missing="error"; returns what "drop"
+    leaves out: {split: {"query"/"candidate" (zappos: "triplets"): (left out, listed)}}."""
+    out = {}
+    for split in splits:
+        if name == "zappos":
+            z = ZapposEvalSet(root, split, 0, missing=missing)
+            out[split] = {"triplets": (z.left_out, z.listed)}
+        else:
+            out[split] = {}
+            for role in ("query", "candidate"):
+                items = EvalItems(name, root, split, role, 0, missing)
+                out[split][role] = (items.left_out, items.listed)
+    return out
+
+
+class EvalItems(torch.utils.data.Dataset):
+    """The query or candidate items of an ASEN split: (image, attribute, value, index). missing (EVAL_MISSING):
+    "drop" leaves out the items whose image is missing; self.left_out of self.listed were."""
+
+    def __init__(self, name, root, split, role, img_size, missing="error"):
         self.img_size = img_size
         self.paths, rows = read_items(name, root, split, role)
-        missing = missing_images(self.paths)  # a query or candidate left out would change the metric: refuse
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(self.paths), f"{split} {role}"))
+        self.listed, gone = len(self.paths), missing_images(self.paths)
+        if gone and (missing != "drop" or len(gone) == self.listed):
+            raise FileNotFoundError(missing_message(gone, self.listed, f"{split} {role}") + (DROP_HINT if missing != "drop" else ""))
+        if gone:
+            gone = set(gone)
+            keep = np.array([p not in gone for p in self.paths])
+            self.paths, rows = [p for p, k in zip(self.paths, keep) if k], rows[keep]
+        self.left_out = self.listed - len(self.paths)
         self.attrs, self.values = torch.from_numpy(rows[:, 1].copy()), torch.from_numpy(rows[:, 2].copy())
 
     def __len__(self):
@@ -506,16 +551,22 @@ class EvalItems(torch.utils.data.Dataset):
 class ZapposEvalSet(torch.utils.data.Dataset):
     """A zappos val/test list as unique (image, condition) items, each embedded once; triplets index the items."""
 
-    def __init__(self, root, split, img_size, num_triplets=None):
+    def __init__(self, root, split, img_size, num_triplets=None, missing="error"):
         self.img_size = img_size
         paths = zappos_paths(root)
         t = read_zappos_triplets(root, split, num_triplets or ZAPPOS_TRIPLETS[split], len(paths))  # (T, 4)
+        fids = np.unique(t[:, :3])
+        gone = missing_images([paths[f] for f in fids])
+        self.listed = len(t)
+        if gone and missing == "drop":  # leave out the triplets that use a missing image
+            gone_set = set(gone)
+            t = t[~np.isin(t[:, :3], [f for f in fids if paths[f] in gone_set]).any(1)]
+        if gone and (missing != "drop" or len(t) == 0):
+            raise FileNotFoundError(missing_message(gone, len(fids), f"zappos {split}") + (DROP_HINT if missing != "drop" else ""))
+        self.left_out = self.listed - len(t)
         pairs = np.stack([t[:, :3].reshape(-1), np.repeat(t[:, 3], 3)], 1)  # (3T, 2): image, condition
         items, inverse = np.unique(pairs, axis=0, return_inverse=True)
         self.paths = [paths[f] for f in items[:, 0]]
-        missing = missing_images(sorted(set(self.paths)))
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(set(self.paths)), f"zappos {split}"))
         self.item_conditions = torch.from_numpy(items[:, 1].copy())
         self.triplets = torch.from_numpy(inverse.reshape(-1, 3))  # (T, 3) item indices: anchor, far, close
         self.conditions = torch.from_numpy(t[:, 3].copy())  # (T,)
@@ -541,13 +592,17 @@ def chance_ap(queries, candidates):
     return ap
 
 
-def chance_map(name, root, split):
+def chance_map(name, root, split, missing="error"):
     """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (SPEC 3 quotes
-    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5."""
+    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
+    of the items whose images are there, those --eval-missing drop scores."""
     if name == "zappos":
         return 0.5
-    queries, candidates = read_items(name, root, split, "query")[1], read_items(name, root, split, "candidate")[1]
-    return float(chance_ap(queries, candidates).mean())
+    rows = []
+    for role in ("query", "candidate"):
+        paths, r = read_items(name, root, split, role)
+        rows.append(r[np.array([os.path.isfile(p) for p in paths], dtype=bool)] if missing == "drop" else r)
+    return float(chance_ap(*rows).mean())
 
 # -----------------------------------------------------------------------------
 # the synthetic dataset: garment-like figures with 5 independent attributes

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
-from data import DATASETS, TripletDataset, chance_map, prepare_dataset
-from evaluate import CHECKPOINT_KEYS, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
+from data import DATASETS, EVAL_MISSING, TripletDataset, chance_map, check_eval_images, prepare_dataset
+from evaluate import CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
@@ -81,6 +81,9 @@ def parse_args(argv=None):
     # evaluation
     p.add_argument("--eval-every", type=int, default=None, help="validate every N epochs and after the last (default: 1; synthetic 3)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="images per batch when embedding the validation split")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a valid or test image that is missing (checked before the first step): error (default), or drop: "
+                        "validate without it, the numbers then marked not comparable with published numbers")
     # system
     p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/DATA)")
     p.add_argument("--resume", default=None, help="a last.pt or best.pt to continue from (model, optimizer, epoch, best)")
@@ -224,6 +227,12 @@ def train(args, rank, world, device):
     if rank != 0 and args.data == "synthetic":
         root, meta = prepare_dataset(args.data, args.data_root)
     K = len(meta["attributes"])
+    # every valid and test image, before the first step: checked by every rank, so that all of them stop together
+    for split, roles in check_eval_images(args.data, root, args.eval_missing).items():
+        for role, (n, listed) in roles.items():
+            if n:
+                print0(f"warning: {split} {role}: {n} of {listed} listed images are missing; --eval-missing drop scores "
+                       f"without them ({NOT_COMPARABLE})")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     resume = read_checkpoint(args.resume, CHECKPOINT_KEYS + RESUME_KEYS) if args.resume else None
@@ -261,10 +270,12 @@ def train(args, rank, world, device):
 
     data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True,
                           cache=args.cache_images)
-    steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
+    # from what the epoch holds (zappos: CSN's list without the triplets of missing images), not from --num-triplets;
+    # len(data) is the same on every rank: DDP needs every rank to take each step
+    steps = len(data) // per_rank
     if steps == 0:
-        raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
-    chance = chance_map(args.data, root, "valid") if rank == 0 else None  # printed by rank 0
+        raise SystemExit(f"an epoch holds {len(data) * world} triplets, less than one batch of {args.batch_size}")
+    chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
@@ -315,7 +326,8 @@ def train(args, rank, world, device):
         record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             t0 = time.time()
-            result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world)
+            result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world,
+                                    args.eval_missing)
             if rank == 0:  # the metric exists on rank 0 only, and only rank 0 writes checkpoints
                 record["valid"] = result
                 print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance)}")

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -293,12 +292,30 @@ def test_ranks_draw_disjoint_shares_of_the_whole_set(toy, n):
     assert np.array_equal(merged[n:], whole.triplets[: len(merged) - n])  # padding wraps around
 
 
-def test_triplets_draw_fast(toy):
+def test_a_full_epoch_of_triplets_is_drawn(toy):  # its speed is bench.py's business, not a test's
     root, _ = toy
     ds = data.TripletDataset("asen-toy", root, 32, 100_000)
-    t0 = time.perf_counter()
     ds.set_epoch(1)
-    assert time.perf_counter() - t0 < 1.0 and len(ds) == 100_000
+    assert len(ds) == 100_000 and ds.triplets.shape == (100_000, 4)
+
+
+def test_negatives_that_keep_the_first_value_are_redrawn_until_the_epoch_is_full(tmp_path):
+    # DeepFashion-like labels: 95% of the images carry value 0 beside their own value 1, 2 or 3, so most negatives
+    # drawn share the first value, and some still do after the 10 redraws
+    labels = {i: [(0, 1 + i % 3)] + ([(0, 0)] if i % 20 else []) for i in range(200)}
+    root = make_asen(str(tmp_path), labels, [4])
+    values = {i: {v for _, v in pairs} for i, pairs in labels.items()}
+    ds = data.TripletDataset("asen-toy", root, 32, 3000, seed=0)
+    assert len(ds._draw_some(np.random.default_rng(0), 3000)) < 3000  # the redraws alone leave triplets out
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert ds.triplets.shape == (3000, 4)  # topped up to exactly the number asked for
+        for a, p, n, c in ds.triplets:
+            assert a != p and values[a] & values[p] - values[n]  # a value of anchor and positive that the negative lacks
+    # a label set where no negative can ever lack the first value stops with a message instead of looping
+    root = make_asen(str(tmp_path / "all"), {i: [(0, 0), (0, 1)] for i in range(4)}, [2])
+    with pytest.raises(ValueError, match="keep sharing the anchor's value"):
+        data.TripletDataset("asen-toy", root, 32, 10)
 
 
 def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
@@ -356,6 +373,30 @@ def test_zappos_eval_set_unique_items(zappos):
             assert ev.paths[item].endswith(f"/{fid}.jpg") and ev.item_conditions[item] == c
     image, cond, i = ev[3]
     assert image.shape == (3, 16, 16) and cond == ev.item_conditions[3] and i == 3
+
+def test_eval_sets_refuse_or_drop_missing_images(zappos, tmp_path):
+    root = str(tmp_path / "z")
+    shutil.copytree(zappos[0], root)
+    os.remove(os.path.join(root, "ut-zap50k-images", "Shoes/Boots/Brand 0/0.jpg"))
+    with pytest.raises(FileNotFoundError, match=r"1 of 12 zappos valid images are missing.*--eval-missing drop"):
+        data.ZapposEvalSet(root, "valid", 16, num_triplets=20)
+    ev = data.ZapposEvalSet(root, "valid", 16, num_triplets=20, missing="drop")
+    uses = sum(0 in row for c in range(4) for row in zappos[1]["val", c])  # the triplets with image 0
+    assert 0 < uses < 20 and (ev.left_out, ev.listed, len(ev.triplets)) == (uses, 20, 20 - uses)
+    assert not any(p.endswith("/0.jpg") for p in ev.paths)
+    assert data.check_eval_images("zappos", root, "drop") == {"valid": {"triplets": (uses, 20)}, "test": {"triplets": (uses, 20)}}
+    # ASEN lists: the query or candidate of a missing image is left out, the others kept in their order
+    synth = str(tmp_path / "s")
+    data.make_synthetic(synth, seed=3, workers=1, **SMALL)
+    q = data.EvalItems("synthetic", synth, "valid", "query", 32)
+    os.remove(q.paths[3])
+    with pytest.raises(FileNotFoundError, match="1 of 10 valid query images are missing"):
+        data.check_eval_images("synthetic", synth)
+    dropped = data.EvalItems("synthetic", synth, "valid", "query", 32, missing="drop")
+    assert (dropped.left_out, dropped.listed) == (1, 10) and dropped.paths == q.paths[:3] + q.paths[4:]
+    assert torch.equal(dropped.attrs, torch.cat([q.attrs[:3], q.attrs[4:]]))
+    assert data.check_eval_images("synthetic", synth, "drop")["valid"] == {"query": (1, 10), "candidate": (0, 40)}
+    assert data.chance_map("synthetic", synth, "valid", "drop") != data.chance_map("synthetic", synth, "valid")
 
 # -----------------------------------------------------------------------------
 # images

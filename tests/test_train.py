@@ -296,3 +296,43 @@ def test_a_real_folder_without_its_data_flag_is_named_in_train_and_evaluate(synt
     with pytest.raises(SystemExit, match=re.escape(f"error: {ckpt} was trained on synthetic, but {root} looks like FashionAI")):
         evaluate.main(["--ckpt", ckpt, "--data-root", root, "--workers", "0"])
     assert sorted(os.listdir(root)) == sorted(ASEN_FILES)  # nothing drawn into it
+
+
+def test_missing_evaluation_images_stop_training_before_its_first_step_unless_dropped(synth, tmp_path, capsys):
+    import shutil
+
+    root = str(tmp_path / "synthetic")
+    shutil.copytree(synth, root)
+    for split, role in (("valid", "query"), ("test", "candidate")):  # one image of each gone
+        fid = int(open(os.path.join(root, f"{role}_{split}.txt")).readline().split()[0])
+        os.remove(os.path.join(root, open(os.path.join(root, f"filenames_{split}.txt")).read().split()[fid]))
+    with pytest.raises(SystemExit, match=r"error: 1 of 20 valid query images are missing.*--eval-missing drop scores without them"):
+        train.main(common(root, tmp_path / "a") + ["--epochs", "1"])
+    assert "step 1/" not in capsys.readouterr().out and not os.path.exists(tmp_path / "a")  # stopped before training
+    train.main(common(root, tmp_path / "b") + ["--epochs", "1", "--eval-missing", "drop"])
+    out = capsys.readouterr().out
+    assert "warning: valid query: 1 of 20 listed images are missing" in out and "warning: test candidate: 1 of 40" in out
+    note = "not comparable with published numbers: 0 of 20 queries and 1 of 40 candidates left out"
+    assert "incomplete split: not comparable with published numbers: 1 of 20 queries and 0 of 40 candidates left out" in out
+    valid = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["history"][0]["valid"]
+    assert valid["num_queries"] == 19 and valid["left_out"] == {"query": [1, 20], "candidate": [0, 40]}
+    assert valid["incomplete"].startswith("not comparable with published numbers")  # the checkpoint's history says it too
+    ckpt = str(tmp_path / "b" / "best.pt")
+    with pytest.raises(SystemExit, match="1 of 40 test candidate images are missing"):
+        evaluate.main(["--ckpt", ckpt, "--workers", "0"])  # error is the default
+    result = evaluate.main(["--ckpt", ckpt, "--workers", "0", "--eval-missing", "drop", "--json", str(tmp_path / "r.json")])
+    assert result["num_queries"] == 20 and result["incomplete"].startswith(note)
+    assert json.load(open(tmp_path / "r.json"))["incomplete"].startswith(note)
+    assert f"incomplete split: {note}" in capsys.readouterr().out
+
+
+def test_compare_table_marks_an_incomplete_split():
+    import compare
+
+    r = {"per_attribute": {0: 0.5, 1: 0.25}, "total": 0.4, "mean_over_attributes": 0.375}
+    complete = compare.table([("x", dict(r), 1.0)], {"attributes": ["a", "b"]})
+    assert "comparable" not in complete
+    r = evaluate.mark_incomplete(r, {"query": (1, 10), "candidate": (0, 5)})
+    assert compare.table([("x", r, 1.0)], {"attributes": ["a", "b"]}) == complete + (
+        "\n\nIncomplete split: not comparable with published numbers: 1 of 10 queries and 0 of 5 candidates left out, "
+        "their images missing (--eval-missing drop).")
