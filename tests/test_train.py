@@ -336,3 +336,34 @@ def test_compare_table_marks_an_incomplete_split():
     assert compare.table([("x", r, 1.0)], {"attributes": ["a", "b"]}) == complete + (
         "\n\nIncomplete split: not comparable with published numbers: 1 of 10 queries and 0 of 5 candidates left out, "
         "their images missing (--eval-missing drop).")
+
+
+def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_gone(synth, zappos, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    import numpy as np
+
+    from data import TripletDataset
+
+    # DeepFashion-like labels: nearly every image also carries value 0 of every attribute, so that some negatives
+    # still share the anchor's value after the redraws; the in-memory batches then ran past the epoch (IndexError)
+    root = str(tmp_path / "multi")
+    shutil.copytree(synth, root)
+    lines = open(os.path.join(root, "label_train.txt")).read().splitlines()
+    with open(os.path.join(root, "label_train.txt"), "w") as f:
+        f.writelines(line + ("".join(f" {a} 0" for a in range(5)) if i % 20 else "") + "\n" for i, line in enumerate(lines))
+    ds = TripletDataset("synthetic", root, 32, 16, seed=0)
+    assert len(ds._draw_some(np.random.default_rng([0, 0]), 16)) < 16  # epoch 0's first draw falls short of 16
+    train.main(common(root, tmp_path / "a") + ["--epochs", "1", "--cache-images"])
+    out = capsys.readouterr().out
+    assert "2 steps of 8 triplets" in out and "step 2/2" in out
+    # zappos: CSN's fixed list without the triplets of a missing image holds fewer than --num-triplets; the step count
+    # follows the list (7 of the 8 first triplets are left: one step of 4, not two)
+    zroot = str(tmp_path / "z")
+    shutil.copytree(zappos[0], zroot)
+    os.remove(os.path.join(zroot, "ut-zap50k-images", "Shoes/Boots/Brand 0/0.jpg"))
+    train.main(["--data", "zappos", "--data-root", zroot, "--out-dir", str(tmp_path / "b"), "--arch", "tiny", "--img-size", "32",
+                "--out-dim", "16", "--batch-size", "4", "--num-triplets", "8", "--workers", "0", "--epochs", "1", "--cache-images",
+                "--eval-missing", "drop", "--log-every", "1"])
+    out = capsys.readouterr().out
+    assert "zappos: 1 steps of 4 triplets" in out and "step 1/1" in out
