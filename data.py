@@ -320,6 +320,16 @@ def load_image(path, img_size, flip=False):
     """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
     return normalise(read_image(path, img_size), flip)
 
+def error_message(e):
+    """An error's message for the one `error: ...` line of a command. An exception raised in a DataLoader worker
+    comes back re-raised by torch as "Caught OSError in DataLoader worker process 0." and the worker's traceback,
+    whose last line holds the original message (the one that names the file): that message, without its type."""
+    lines = str(e).strip().splitlines()
+    if lines and lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
+
+
 def missing_images(paths):
     """The paths that are not files (DARN's images are partly gone from the web)."""
     return [p for p in paths if not os.path.isfile(p)]

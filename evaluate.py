@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cca import CCAConfig, build_model
-from data import EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, identify, looks_like, prepare_dataset
+from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, error_message, identify, looks_like,
+                  prepare_dataset)
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -390,7 +391,7 @@ def main(argv=None):
                       f"({NOT_COMPARABLE})")
         return score_and_draw(args, model, ckpt, root, device)
     except (OSError, ValueError) as e:  # a missing or corrupt image: say which
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {error_message(e)}")
 
 
 def score_and_draw(args, model, ckpt, root, device):

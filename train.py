@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
-from data import DATASETS, EVAL_MISSING, TripletDataset, chance_map, check_eval_images, prepare_dataset
+from data import DATASETS, EVAL_MISSING, TripletDataset, chance_map, check_eval_images, error_message, prepare_dataset
 from evaluate import CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
@@ -209,7 +209,7 @@ def main(argv=None):
     try:
         train(args, rank, world, device)
     except (OSError, ValueError) as e:  # a missing dataset or image, a bad split file, a corrupt image: say what and where
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {error_message(e)}")
     finally:
         cleanup()
 

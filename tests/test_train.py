@@ -367,3 +367,31 @@ def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_go
                 "--eval-missing", "drop", "--log-every", "1"])
     out = capsys.readouterr().out
     assert "zappos: 1 steps of 4 triplets" in out and "step 1/1" in out
+
+
+def corrupt_first_anchor(synth, root):
+    """A copy of the synthetic set whose first training triplet's anchor (rank 0's first image under torchrun too)
+    is not a JPEG any more; returns its path."""
+    import shutil
+
+    from data import TripletDataset
+
+    shutil.copytree(synth, root)
+    ds = TripletDataset("synthetic", root, 32, 16, seed=0)
+    path = ds.paths[ds.triplets[0, 0]]
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not a JPEG after all")
+    return path
+
+
+def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_naming_it(synth, tmp_path):
+    path = corrupt_first_anchor(synth, str(tmp_path / "synthetic"))
+    args = [*common(str(tmp_path / "synthetic"), tmp_path / "run"), "--epochs", "1", "--workers", "1", "--no-cache-images"]
+    with pytest.raises(SystemExit) as e:  # SystemExit's text is what the command prints: one line
+        train.main(args)
+    assert e.value.code.startswith(f"error: cannot read image {path}: ") and len(e.value.code.splitlines()) == 1, e.value.code
+    # under torchrun the rank that meets it says the same, and the run stops: every rank, not only that one
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and f"error: cannot read image {path}: " in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step 1/" not in r.stdout and not os.path.exists(tmp_path / "run" / "last.pt")
