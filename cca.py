@@ -534,15 +534,19 @@ def read_safetensors(path):
 
 def google_to_timm(npz, cfg, path):
     """Map Google's R50+ViT-B_16.npz keys to timm's names, with the layout changes of SPEC section 2.
+    Returns (state dict, ignored keys). A file saved with its optimizer state keeps the weights under opt/target/;
+    its other keys (opt/state/...) are not weights: ignored, and returned so that the loader can say so. The
+    classifier heads come back under timm's names (head., pre_logits.) for the loader to drop and report.
 
     Every expected key must be present; unknown keys other than the classifier heads are an error.
     """
     prefix = "opt/target/" if any(k.startswith("opt/target/") for k in npz) else ""
-    used, sd = set(), {}
+    ignored = sorted(k for k in npz if not k.startswith(prefix))
+    used, sd = set(ignored), {}
 
     def take(key):
         if prefix + key not in npz:
-            raise KeyError(f"{path}: missing key {prefix + key!r} of Google's R50+ViT-B/16 layout")
+            raise ValueError(f"{path}: missing key {prefix + key!r} of Google's R50+ViT-B/16 layout")
         used.add(prefix + key)
         return torch.from_numpy(np.asarray(npz[prefix + key], dtype=np.float32))
 
@@ -588,26 +592,33 @@ def google_to_timm(npz, cfg, path):
             sd[dst + f"mlp.fc{j + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{j}/bias")
     sd["norm.weight"] = vec("Transformer/encoder_norm/scale")
     sd["norm.bias"] = vec("Transformer/encoder_norm/bias")
-    unknown = [k for k in npz if k not in used and not k[len(prefix):].startswith(("head/", "pre_logits/"))]
+    for key in [k[len(prefix):] for k in npz if k not in used and k[len(prefix):].startswith(("head/", "pre_logits/"))]:
+        t = take(key)  # the classifiers: head/kernel (D, classes) is timm's head.weight transposed
+        name = {"head/kernel": "head.weight", "head/bias": "head.bias", "pre_logits/kernel": "pre_logits.fc.weight",
+                "pre_logits/bias": "pre_logits.fc.bias"}.get(key, key.replace("/", "."))
+        sd[name] = t.t() if key.endswith("/kernel") and t.dim() == 2 else t
+    unknown = [k for k in npz if k not in used]
     if unknown:
-        raise KeyError(f"{path}: {len(unknown)} keys not in Google's R50+ViT-B/16 layout for arch {cfg.arch!r}, e.g. {unknown[:3]}")
-    return sd
+        raise ValueError(f"{path}: {len(unknown)} keys not in Google's R50+ViT-B/16 layout for arch {cfg.arch!r}, e.g. {unknown[:3]}")
+    return sd, ignored
 
 
 def read_weights(path, cfg):
-    """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped)."""
+    """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped) and the list of the
+    file's keys that hold no weights (an npz's optimizer state)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return read_safetensors(path), []
     if magic == b"PK\x03\x04" and path.endswith(".npz"):
         try:
             with np.load(path) as npz:
-                return google_to_timm({k: npz[k] for k in npz.files}, cfg, path)
+                arrays = {k: npz[k] for k in npz.files}
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
             raise ValueError(f"{path}: cannot read as an .npz archive (truncated or corrupt?): {e}") from e
+        return google_to_timm(arrays, cfg, path)
     if magic == b"PK\x03\x04" or path.endswith((".pth", ".pt", ".bin")):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -619,7 +630,7 @@ def read_weights(path, cfg):
             obj = obj["model"]  # a training checkpoint of this project
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"{path}: expected a state dict of tensors")
-        return obj
+        return obj, []
     raise ValueError(f"{path}: unknown weight format (expected Google's .npz, timm's .safetensors/.bin/.pth, or a .pt from 'cca.py convert')")
 
 
@@ -637,7 +648,7 @@ def resize_pos_embed(pos, grid):
 def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
     """Load R50+ViT-B/16 weights into the stem and blocks 1..L; block L's weights also initialise the
     cross-attention block (it has the same parameters). Returns a report dict of key lists."""
-    sd = read_weights(path, model.cfg)
+    sd, ignored = read_weights(path, model.cfg)
     dropped = sorted(k for k in sd if k.startswith(("head.", "pre_logits.", "fc_norm.", "condition.")))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     own = model.state_dict()
@@ -645,7 +656,7 @@ def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise KeyError(f"{path}: does not fit arch {model.cfg.arch!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+        raise ValueError(f"{path}: does not fit arch {model.cfg.arch!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
                        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     resized = []
     if sd["pos_embed"].shape != own["pos_embed"].shape and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
@@ -656,11 +667,12 @@ def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
             raise ValueError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}")
     new = [k for k in own if k not in expected]
     model.load_state_dict({**{k: own[k] for k in new}, **{k: sd[k] for k in expected}}, strict=True)
-    report = dict(loaded=expected, new=new, dropped=dropped, resized=resized)
+    report = dict(loaded=expected, new=new, dropped=dropped, resized=resized, ignored=ignored)
     if verbose:
         n_new = sum(own[k].numel() for k in new)
         print(f"loaded {len(expected)} tensors from {path}; resized {resized or 'nothing'}; "
-              f"dropped {dropped or 'nothing'}; newly initialised: {new} ({n_new:,} parameters)")
+              f"dropped {dropped or 'nothing'}; newly initialised: {new} ({n_new:,} parameters)"
+              + (f"; ignored {len(ignored)} keys outside opt/target/, not weights (e.g. {ignored[:3]})" if ignored else ""))
     return report
 
 

@@ -333,6 +333,24 @@ def test_google_npz_loads_back(tmp_path, prefix, gn_4d):
     assert_backbone_equal(dst, sd)
     torch.testing.assert_close(dst.condition.mask, cond_before)  # new parameters untouched
     assert set(report["new"]) == {"condition.mask", "condition.fc.weight", "condition.fc.bias", "head.weight", "head.bias"}
+    assert report["dropped"] == ["head.weight", "pre_logits.fc.bias"] and report["ignored"] == []
+
+
+def test_an_npz_saved_with_its_optimizer_state_loads_and_says_what_it_left(tmp_path, capsys):
+    src = tiny(seed=1)
+    sd = backbone_state(src)
+    arrays = {"opt/target/" + k: v for k, v in to_google(sd, src.cfg).items()}
+    arrays["opt/target/head/kernel"] = np.zeros((128, 10), np.float32)
+    arrays["opt/target/head/bias"] = np.zeros(10, np.float32)
+    state = {"opt/state/param_states/cls/grad_ema": np.zeros((1, 1, 128), np.float32), "opt/state/step": np.zeros((), np.int64)}
+    np.savez(tmp_path / "w.npz", **arrays, **state)
+    dst = tiny(seed=2)
+    report = load_pretrained(dst, str(tmp_path / "w.npz"))
+    assert_backbone_equal(dst, sd)
+    assert report["ignored"] == sorted(state) and report["dropped"] == ["head.bias", "head.weight"]
+    out = capsys.readouterr().out
+    assert "dropped ['head.bias', 'head.weight']" in out and "dropped nothing" not in out
+    assert "ignored 2 keys outside opt/target/" in out and "opt/state/step" in out
 
 
 def test_timm_pth_and_safetensors_load_back(tmp_path):
@@ -409,12 +427,12 @@ def test_missing_and_unknown_keys_and_formats(tmp_path):
     sd = backbone_state(tiny(seed=1))
     del sd["norm.bias"]
     torch.save(sd, tmp_path / "missing.pth")
-    with pytest.raises(KeyError, match="missing.pth.*norm.bias"):
+    with pytest.raises(ValueError, match="missing.pth.*norm.bias"):
         load_pretrained(tiny(), str(tmp_path / "missing.pth"), verbose=False)
     g = to_google(backbone_state(tiny(seed=1)), tiny().cfg)
     g["Transformer/encoderblock_99/LayerNorm_0/scale"] = np.zeros(128, np.float32)
     np.savez(tmp_path / "extra.npz", **g)
-    with pytest.raises(KeyError, match="encoderblock_99"):
+    with pytest.raises(ValueError, match="encoderblock_99"):
         load_pretrained(tiny(), str(tmp_path / "extra.npz"), verbose=False)
     (tmp_path / "w.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(ValueError, match="unknown weight format"):
