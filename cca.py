@@ -64,8 +64,9 @@ class CCAConfig:
             raise ValueError(f"condition_type must be 1 or 2, got {self.condition_type}")
         if self.num_conditions < 1:
             raise ValueError(f"num_conditions must be positive, got {self.num_conditions}")
-        if self.img_size % self.stride != 0:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of the output stride {self.stride}")
+        if self.img_size < self.stride or self.img_size % self.stride != 0:
+            raise ValueError(f"img_size must be a positive multiple of {self.stride}, the output stride of arch {self.arch!r}, "
+                             f"got {self.img_size}")
 
     @property
     def sizes(self):
@@ -603,6 +604,21 @@ def google_to_timm(npz, cfg, path):
     return sd, ignored
 
 
+def torch_load(path):
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
+    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
+    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
+                         f"or not a checkpoint") from None
+
+
 def read_weights(path, cfg):
     """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped) and the list of the
     file's keys that hold no weights (an npz's optimizer state)."""
@@ -620,10 +636,7 @@ def read_weights(path, cfg):
             raise ValueError(f"{path}: cannot read as an .npz archive (truncated or corrupt?): {e}") from e
         return google_to_timm(arrays, cfg, path)
     if magic == b"PK\x03\x04" or path.endswith((".pth", ".pt", ".bin")):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}") from e
+        obj = torch_load(path)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]  # converted by this project (cca.py convert)
         elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -706,7 +719,10 @@ if __name__ == "__main__":
     p.add_argument("--img-size", type=int, default=224, help="image size")
     args = parser.parse_args()
     if args.cmd == "convert":
-        convert(args.src, args.dst, args.img_size, args.arch)
+        try:
+            convert(args.src, args.dst, args.img_size, args.arch)
+        except (OSError, ValueError) as e:  # a missing, truncated or unfitting weight file; a bad --img-size
+            raise SystemExit(f"error: {e}")
     else:
         for t in (1, 2):
             m = CCA(CCAConfig(arch=args.arch, num_conditions=args.num_conditions, condition_type=t, img_size=args.img_size))

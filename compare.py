@@ -22,7 +22,7 @@ import torch
 
 import evaluate
 import train
-from data import DATASETS, EVAL_MISSING, EvalItems, chance_map, prepare_dataset
+from data import DATASETS, EVAL_MISSING, EvalItems, chance_map, error_message, prepare_dataset
 from evaluate import evaluate_split, load_checkpoint, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -66,7 +66,7 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=("valid", "test"), help="the split scored")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every method")
     p.add_argument("--out-dir", default=os.path.join("runs", "compare"), help="where the runs and the table go")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
                         "table then marked not comparable with published numbers")
@@ -115,4 +115,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing dataset or image, an unreadable checkpoint: one line
+        raise SystemExit(f"error: {error_message(e)}")

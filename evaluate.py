@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import CCAConfig, build_model
+from cca import CCAConfig, build_model, torch_load
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, error_message, identify, looks_like,
                   prepare_dataset)
 
@@ -311,17 +311,31 @@ RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")
 
 
 def read_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A train.py checkpoint as a dict, on the CPU; a clear error if the file is missing, unreadable or lacks `keys`."""
+    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
+    or lacks `keys`."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch_load(path)
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
     if missing:
-        raise SystemExit(f"error: {path}: not a train.py checkpoint (no {', '.join(missing)})")
+        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
     return ckpt
+
+
+def device_arg(text):
+    """argparse type of --device: a device this machine has, or a flag error now rather than a traceback later."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
 
 
 def load_checkpoint(path, device="cpu"):
@@ -339,7 +353,7 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed image that is missing: error (default), or drop: score without it, the numbers then marked "
@@ -356,10 +370,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.retrieve and not args.attr:
         p.error("--retrieve needs --attr NAME")
+    if args.attr and not args.retrieve:
+        p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
     if args.topk < 1:
         p.error(f"--topk must be at least 1, got {args.topk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    try:
+        model, ckpt = load_checkpoint(args.ckpt, device)
+    except (OSError, ValueError) as e:  # missing, a folder, not a checkpoint
+        raise SystemExit(f"error: {e}")
     meta = ckpt["meta"]
     name = meta["name"]
     root = args.data_root or ckpt["args"]["data_root"]

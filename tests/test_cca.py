@@ -80,8 +80,9 @@ def test_config_rejects_bad_values():
         CCAConfig(arch="vit_huge")
     with pytest.raises(ValueError, match="condition_type"):
         CCAConfig(condition_type=3)
-    with pytest.raises(ValueError, match="multiple of the output stride"):
-        CCAConfig(img_size=100)
+    for bad in (100, 0, -32):  # 0 and -32 are multiples of 16 too, but no image size
+        with pytest.raises(ValueError, match=f"img_size must be a positive multiple of 16, the output stride of arch 'vit_r50_b16', got {bad}"):
+            CCAConfig(img_size=bad)
 
 
 # -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsy
     assert best["epoch"] == 0 and best["meta"]["name"] == "synthetic"
     assert os.path.isfile(tmp_path / "last.pt") and not os.path.exists(tmp_path / "best.pt.tmp")
     # evaluate.py rebuilds model and data from the checkpoint alone and gives the validation numbers again
+    assert "without --pretrained" not in log  # the demo trains from scratch by design: no warning
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0", "--json", str(tmp_path / "r.json")])
     assert result["total"] == pytest.approx(best["best_metric"], abs=1e-9)
     saved = json.load(open(tmp_path / "r.json"))
@@ -62,7 +63,7 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsy
     assert "--compare draws beside --embeddings" in capsys.readouterr().err
 
 
-def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
+def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path, capsys):
     train.main(common(synth, tmp_path / "straight") + ["--epochs", "2"])
     train.main(common(synth, tmp_path / "split") + ["--epochs", "1"])
     train.main(common(synth, tmp_path / "split") + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
@@ -79,6 +80,22 @@ def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path):
     torch.save(b, tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="old.pt: written by an older train.py"):
         train.main(common(synth, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "old.pt")])
+    # a flag that shapes the model, given with --resume, must agree with the checkpoint: an error naming both values
+    last = str(tmp_path / "split" / "last.pt")
+    for flag, given, saved in (("--arch", "vit_r50_b16", "tiny"), ("--img-size", "64", "32"), ("--out-dim", "32", "16"),
+                               ("--method", "csn", "cca"), ("--condition-type", "1", "2")):
+        argv = common(synth, tmp_path / "split")
+        for f in ("--img-size", "--out-dim"):  # leave out common()'s values of these two
+            i = argv.index(f)
+            argv = argv[:i] + argv[i + 2:]
+        with pytest.raises(SystemExit, match=re.escape(f"error: {flag} {given} conflicts with {last}, trained with {flag} {saved}")):
+            train.main(argv + ["--epochs", "3", "--resume", last, flag, given])
+    capsys.readouterr()
+    # a finished run: nothing to do, said so, exit 0, and no "done in 0:00:00"
+    train.main(common(synth, tmp_path / "split") + ["--epochs", "2", "--resume", last])
+    out = capsys.readouterr().out
+    assert f"{last} has finished epoch 2, and --epochs is 2: nothing left to do" in out and "done in" not in out
+    assert torch.load(last, weights_only=True)["history"] == b["history"]  # untouched
 
 
 def test_torchrun_two_ranks_gloo(synth, tmp_path):
@@ -154,9 +171,26 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint(synth, tmp_path, monkeyp
         return loss * float("nan"), acc
 
     monkeypatch.setattr(train, "triplet_loss", nan_loss)
-    with pytest.raises(SystemExit, match="loss is nan at epoch 1 step 1"):
+    with pytest.raises(SystemExit, match=re.escape("error: the loss is not finite (nan or inf) at epoch 1 step 1: stopped")):
         train.main(common(synth, tmp_path) + ["--epochs", "1"])
     assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_a_nan_between_progress_lines_is_caught_at_its_step_and_never_saved(synth, tmp_path, monkeypatch):
+    real, calls = train.triplet_loss, []
+
+    def nan_on_step_6(a, p, n, margin):  # step 6 of 8, between the progress lines of steps 4 and 8
+        loss, acc = real(a, p, n, margin)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 6 else loss, acc
+
+    monkeypatch.setattr(train, "triplet_loss", nan_on_step_6)
+    args = common(synth, tmp_path) + ["--epochs", "2", "--num-triplets", "32", "--log-every", "4"]  # 4 steps an epoch
+    with pytest.raises(SystemExit, match=re.escape("error: the loss is not finite (nan or inf) at epoch 2 step 2: stopped")):
+        train.main(args)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)  # epoch 1's, from before the nan
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert len(calls) == 8  # stopped at the next progress line, step 4 of epoch 2, without another checkpoint
 
 
 def test_triplet_loss_is_eq9_with_cosine_distance():
@@ -175,7 +209,7 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
             train.parse_args(bad)
         assert e.value.code == 2
     args = train.parse_args(common(synth, tmp_path) + ["--batch-size", "64"])
-    with pytest.raises(SystemExit, match="does not divide over 3 ranks"):
+    with pytest.raises(ValueError, match="does not divide over 3 ranks"):
         train.train(args, rank=0, world=3, device=torch.device("cpu"))
     r = subprocess.run([sys.executable, "train.py", "--data", "fashionai", "--data-root", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True)
@@ -235,10 +269,11 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
 from test_data import asen_folder, zappos  # noqa: E402,F401  an ASEN folder; the CSN-format fixture (12 images, 5 triplets per list)
 
 
-def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path):  # noqa: F811
+def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):  # noqa: F811
     root, _ = zappos
     train.main(["--data", "zappos", "--data-root", root, "--out-dir", str(tmp_path), "--arch", "tiny", "--img-size", "32", "--out-dim", "16",
                 "--batch-size", "4", "--num-triplets", "8", "--workers", "0", "--epochs", "1"])
+    assert "warning: training tiny from scratch on zappos, without --pretrained" in capsys.readouterr().out  # real data
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
     assert result["num_triplets"] == 20 and set(result["per_condition"]) == {0, 1, 2, 3}
@@ -395,3 +430,43 @@ def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_nam
                         "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and f"error: cannot read image {path}: " in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 1/" not in r.stdout and not os.path.exists(tmp_path / "run" / "last.pt")
+
+
+def test_user_errors_are_one_line_or_a_flag_error(synth, tmp_path, capsys, monkeypatch):
+    import runpy
+
+    for bad, says in ((["--img-size", "0"], "--img-size must be at least 1, got 0"), (["--img-size", "-32"], "got -32"),
+                      (["--img-size", "36"], "--img-size 36: img_size must be a positive multiple of 8, the output stride of arch 'tiny'"),
+                      (["--out-dim", "0"], "--out-dim must be at least 1"), (["--device", "gpu"], "'gpu' is not a device")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
+    assert e.value.code == 2 and "--attr names the attribute for --retrieve" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv)):
+            with pytest.raises(SystemExit) as e:
+                main(["--device", "cuda"])
+            assert e.value.code == 2 and "cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    # checkpoints: a folder, a file that is no checkpoint (never PyTorch's advice to unpickle it with weights_only=False)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path} is a folder, not a checkpoint: give its best.pt or last.pt")):
+        evaluate.main(["--ckpt", str(tmp_path)])
+    readme = os.path.join(ROOT, "README.md")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", readme])
+    assert e.value.code.startswith(f"error: {readme}: cannot read as a PyTorch file") and "weights_only" not in e.value.code
+    with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path} is a folder")):
+        train.main(common(synth, tmp_path / "run") + ["--resume", str(tmp_path)])
+    # weights that do not fit: one line from train.py (load_pretrained raised a KeyError, which it did not catch)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match=r"error: .*other.pth: does not fit arch 'tiny'"):
+        train.main(common(synth, tmp_path / "run") + ["--pretrained", str(tmp_path / "other.pth")])
+    # cca.py convert with a missing file, a file of no weights, a bad --img-size: one line each
+    for argv, says in (([str(tmp_path / "none.npz")], "pretrained weights not found"), ([readme], "unknown weight format"),
+                       ([str(tmp_path / "other.pth")], "does not fit arch"), ([ckpt, "--arch", "tiny", "--img-size", "0"], "img_size must be")):
+        monkeypatch.setattr(sys, "argv", ["cca.py", "convert", *argv[:1], str(tmp_path / "out.pt"), *argv[1:]])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "cca.py"), run_name="__main__")
+        assert e.value.code.startswith("error: ") and says in e.value.code and len(e.value.code.splitlines()) == 1, e.value.code
