@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cca import ARCH_SIZES, CCA, CCAConfig, build_model, count_parameters, load_pretrained
+from cca import ARCH_SIZES, CCA, CCAConfig, build_model, count_parameters, load_pretrained, resize_pos_embed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # copies of ../shared/reference key lists
@@ -379,9 +379,45 @@ def test_position_embedding_is_resized_on_its_grid(tmp_path):
     pos = dst.pos_embed.detach()
     assert pos.shape == (1, 1 + 144, 128)
     torch.testing.assert_close(pos[:, 0], src.pos_embed[:, 0].detach())  # [CLS] kept apart
-    # a constant grid stays constant under bilinear resizing; a linear ramp keeps its ends' order
-    grid = src.pos_embed.detach()[0, 1:].reshape(8, 8, -1)
-    assert torch.allclose(pos[0, 1:].reshape(12, 12, -1).mean((0, 1)), grid.mean((0, 1)), atol=0.05)
+    # timm's resampling, bilinear without antialiasing, [CLS] the one prefix token: the same numbers, up and down, so
+    # the grid is neither transposed nor shifted (the random grid has no symmetry that would hide either)
+    pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    grid = src.pos_embed.detach()
+    timm_resize = lambda g: resample_abs_pos_embed(grid, [g, g], [8, 8], num_prefix_tokens=1, interpolation="bilinear", antialias=False)  # noqa: E731
+    torch.testing.assert_close(pos, timm_resize(12), rtol=0, atol=1e-6)
+    for g in (5, 8, 16):
+        torch.testing.assert_close(resize_pos_embed(grid, g), timm_resize(g), rtol=0, atol=1e-6)
+    transposed = torch.cat([grid[:, :1], grid[:, 1:].reshape(1, 8, 8, -1).transpose(1, 2).reshape(1, 64, -1)], 1)
+    assert (resize_pos_embed(transposed, 12) - timm_resize(12)).abs().max() > 1e-3  # what the comparison would catch
+
+
+def test_google_npz_loads_like_timms_own_loader(tmp_path, monkeypatch):
+    """The npz mapping against an independent one: timm's _load_weights reading Google's layout into its
+    vit_base_r50_s16_224. Random arrays with the names and shapes of the real key list: the R50 stem in full and
+    blocks 0 and 1 of the 12 (blocks 2..11 map as block 1 does under another index, the key list test checks their
+    names and shapes, and they would cost 70M parameters more)."""
+    pytest.importorskip("timm")
+    import timm
+    from timm.models.vision_transformer import _load_weights
+
+    depth = 2
+    monkeypatch.setitem(ARCH_SIZES, "vit_r50_b16_depth2", dict(ARCH_SIZES["vit_r50_b16"], depth=depth))
+    keys = {k: shape for k, shape in read_key_list("google_R50+ViT-B_16_npz_keys.txt").items()
+            if not k.startswith("Transformer/encoderblock_") or int(k.split("/")[1].split("_")[1]) < depth}
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "w.npz", **{k: rng.standard_normal(shape, dtype=np.float32) for k, shape in keys.items()})
+    with torch.device("meta"):  # no time spent initialising weights that the loaders overwrite
+        ref = timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0, depth=depth)
+        ours = CCA(CCAConfig(arch="vit_r50_b16_depth2"))
+    ref, ours = ref.to_empty(device="cpu"), ours.to_empty(device="cpu")
+    _load_weights(ref, str(tmp_path / "w.npz"))
+    load_pretrained(ours, str(tmp_path / "w.npz"), verbose=False)
+    theirs, mine = ref.state_dict(), ours.state_dict()
+    assert sorted(theirs) == sorted(ours.backbone_keys()) and len(theirs) == 186  # every tensor of timm's model
+    for k in theirs:
+        assert torch.equal(mine[k], theirs[k]), k
 
 
 def test_convert_cli_round_trips(tmp_path):
