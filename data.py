@@ -320,6 +320,7 @@ def load_image(path, img_size, flip=False):
     """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
     return normalise(read_image(path, img_size), flip)
 
+
 def error_message(e):
     """An error's message for the one `error: ...` line of a command. An exception raised in a DataLoader worker
     comes back re-raised by torch as "Caught OSError in DataLoader worker process 0." and the worker's traceback,
