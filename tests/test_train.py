@@ -465,8 +465,8 @@ def test_user_errors_are_one_line_or_a_flag_error(synth, tmp_path, capsys, monke
         train.main(common(synth, tmp_path / "run") + ["--pretrained", str(tmp_path / "other.pth")])
     # cca.py convert with a missing file, a file of no weights, a bad --img-size: one line each
     for argv, says in (([str(tmp_path / "none.npz")], "pretrained weights not found"), ([readme], "unknown weight format"),
-                       ([str(tmp_path / "other.pth")], "does not fit arch"), ([ckpt, "--arch", "tiny", "--img-size", "0"], "img_size must be")):
-        monkeypatch.setattr(sys, "argv", ["cca.py", "convert", *argv[:1], str(tmp_path / "out.pt"), *argv[1:]])
+                       ([str(tmp_path / "other.pth")], "does not fit arch"), ([ckpt, "--img-size", "0"], "img_size must be")):
+        monkeypatch.setattr(sys, "argv", ["cca.py", "convert", *argv[:1], str(tmp_path / "out.pt"), "--arch", "tiny", *argv[1:]])
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(ROOT, "cca.py"), run_name="__main__")
         assert e.value.code.startswith("error: ") and says in e.value.code and len(e.value.code.splitlines()) == 1, e.value.code
