@@ -61,6 +61,16 @@ FASHIONAI_VALUE_NAMES = {
     "neck_design": ["Invisible", "Turtle Neck", "Ruffle Semi-High Collar", "Low Turtle Neck", "Draped Collar"],
 }
 
+# The attribute names of ASEN's meta.json per dataset: a folder's own meta.json tells which dataset it holds.
+ASEN_ATTRIBUTES = {
+    "fashionai": list(FASHIONAI_VALUE_NAMES),
+    "darn": ["clothes category", "clothes button", "clothes color", "clothes length", "clothes pattern",
+             "clothes shape", "collar shape", "sleeve length", "sleeve shape"],
+    "deepfashion": ["texture-related", "fabric-related", "shape-related", "part-related", "style-related"],
+}
+TITLES = {"synthetic": "the synthetic set", "fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion",
+          "zappos": "UT Zappos50K"}
+
 # -----------------------------------------------------------------------------
 # meta: attribute names and value names, a plain dict (it is saved inside checkpoints)
 
@@ -108,11 +118,55 @@ def required_files(name, root):
     return [os.path.join(root, f) for f in ASEN_FILES]
 
 
+def identify(root):
+    """What a folder holds, judged from its own files: ["synthetic"] for a set drawn by this file (its meta.json has
+    SYNTHETIC_VERSION, or, before version 2, the synthetic attributes' value names), ["zappos"] for CSN's files, the
+    ASEN datasets its meta.json fits (ASEN's combined file fits all three, unless the folder's name says which), or []
+    for none of these."""
+    if os.path.isfile(os.path.join(root, "filenames.json")) and os.path.isdir(os.path.join(root, "tripletlists")):
+        return ["zappos"]
+    try:
+        with open(os.path.join(root, "meta.json"), encoding="utf-8-sig") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    if "SYNTHETIC_VERSION" in raw or raw.get("ATTRIBUTES_VALUES") == SYNTH_ATTRIBUTES:
+        return ["synthetic"]
+    if isinstance(raw.get("ATTRIBUTES"), list):  # one dataset's meta: its attribute names tell which, if known
+        found = [n for n, attrs in ASEN_ATTRIBUTES.items() if set(attrs) == {str(a) for a in raw["ATTRIBUTES"]}]
+        return found or list(ASEN_SECTIONS)
+    found = [n for n, section in ASEN_SECTIONS.items() if section in raw]
+    named = [n for n in found if n in os.path.basename(os.path.normpath(root)).lower()]
+    return named or found
+
+
+def looks_like(root, found):
+    """'ROOT looks like DARN (ASEN's split files)', for an error message."""
+    form = "CSN's triplet lists" if found == ["zappos"] else "drawn by data.py" if found == ["synthetic"] else "ASEN's split files"
+    return f"{root} looks like {' or '.join(TITLES[n] for n in found)} ({form})"
+
+
+def check_folder(name, root):
+    """Refuse a folder whose own files show that it holds another dataset than --data says, before anything is
+    read or written there: above all a real dataset under --data synthetic (the default), which would otherwise be
+    taken for a synthetic set to redraw."""
+    found = identify(root)
+    if name == "synthetic" and found and found != ["synthetic"]:
+        raise ValueError(f"{looks_like(root, found)}, not the synthetic set: add " + " or ".join(f"--data {n}" for n in found))
+    if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
+        raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
+                         f"give --data the dataset it belongs to, or another --data-root")
+    return found
+
+
 def prepare_dataset(name, root=None):
     """Resolve root (default data/NAME); create the synthetic set when missing; else fail naming what is missing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     root = root or os.path.join("data", name)
+    found = check_folder(name, root)
     if name == "synthetic" and not os.path.exists(os.path.join(root, "meta.json")):
         # meta.json is written last, so its absence means "missing or unfinished". Build in a private folder and
         # rename it into place: several processes (torchrun) may race here, and a rename is all-or-nothing.
@@ -129,6 +183,8 @@ def prepare_dataset(name, root=None):
     for path in required_files(name, root):
         if not os.path.isfile(path):
             hint = "" if name == "synthetic" else "; " + HINTS["zappos" if name == "zappos" else "asen"]
+            if found and name not in found:
+                hint = f"; {looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found)
             raise FileNotFoundError(f"{name}: missing {path}{hint}")
     if name == "synthetic":
         with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
@@ -264,6 +320,17 @@ def load_image(path, img_size, flip=False):
     """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
     return normalise(read_image(path, img_size), flip)
 
+
+def error_message(e):
+    """An error's message for the one `error: ...` line of a command. An exception raised in a DataLoader worker
+    comes back re-raised by torch as "Caught OSError in DataLoader worker process 0." and the worker's traceback,
+    whose last line holds the original message (the one that names the file): that message, without its type."""
+    lines = str(e).strip().splitlines()
+    if lines and lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
+
+
 def missing_images(paths):
     """The paths that are not files (DARN's images are partly gone from the web)."""
     return [p for p in paths if not os.path.isfile(p)]
@@ -363,7 +430,22 @@ class TripletDataset(torch.utils.data.Dataset):
             self.rank_in_nonempty[g] = np.arange(len(g))
 
     def _draw(self, rng, n):
-        """n triplets (anchor, positive, negative, attribute) by the rule of SPEC 3, each step one array op."""
+        """Exactly n triplets (anchor, positive, negative, attribute): _draw_some's, topped up by fresh draws for the
+        triplets it left out, so that an epoch holds the number of triplets asked for."""
+        parts, have, barren = [], 0, 0
+        while have < n:
+            t = self._draw_some(rng, n - have)
+            parts.append(t)
+            have += len(t)
+            barren = 0 if len(t) else barren + 1
+            if barren == 100:  # no label set of a real dataset comes near: every negative shares the first value
+                raise ValueError("label_train.txt: the negatives drawn keep sharing the anchor's value (an image labelled "
+                                 "with every value of an attribute?): no triplet can be completed")
+        return np.concatenate(parts)
+
+    def _draw_some(self, rng, n):
+        """Up to n triplets by ASEN's rule, each step one array op; those whose negative still has the first value
+        after 10 redraws are left out."""
         k = rng.integers(len(self.eligible), size=n)  # attribute uniform over the attributes that can give one
         v1 = self.pos[k, rng.integers(0, self.npos[k])]  # first value uniform among those with >= 2 images
         ia = rng.integers(0, self.count[v1])
@@ -429,15 +511,45 @@ class TripletDataset(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # evaluation sets
 
-class EvalItems(torch.utils.data.Dataset):
-    """The query or candidate items of an ASEN split: (image, attribute, value, index)."""
+# What evaluation does with a listed image that is not there (--eval-missing): "error" refuses the split, because an
+# item left out changes the metric; "drop" scores without it, and the result says it is not comparable with published
+# numbers (DARN's images are partly gone from the web: it can only be scored so).
+EVAL_MISSING = ("error", "drop")
+DROP_HINT = "; --eval-missing drop scores without them (not comparable with published numbers)"
 
-    def __init__(self, name, root, split, role, img_size):
+
+def check_eval_images(name, root, missing="error", splits=("valid", "test")):
+    """Look for every image of the evaluation splits, as train.py does before its first step (a missing one would
+    otherwise stop a run at its first validation, an epoch in). Raises under missing="error"; returns what "drop"
+    leaves out: {split: {"query"/"candidate" (zappos: "triplets"): (left out, listed)}}."""
+    out = {}
+    for split in splits:
+        if name == "zappos":
+            z = ZapposEvalSet(root, split, 0, missing=missing)
+            out[split] = {"triplets": (z.left_out, z.listed)}
+        else:
+            out[split] = {}
+            for role in ("query", "candidate"):
+                items = EvalItems(name, root, split, role, 0, missing)
+                out[split][role] = (items.left_out, items.listed)
+    return out
+
+
+class EvalItems(torch.utils.data.Dataset):
+    """The query or candidate items of an ASEN split: (image, attribute, value, index). missing (EVAL_MISSING):
+    "drop" leaves out the items whose image is missing; self.left_out of self.listed were."""
+
+    def __init__(self, name, root, split, role, img_size, missing="error"):
         self.img_size = img_size
         self.paths, rows = read_items(name, root, split, role)
-        missing = missing_images(self.paths)  # a query or candidate left out would change the metric: refuse
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(self.paths), f"{split} {role}"))
+        self.listed, gone = len(self.paths), missing_images(self.paths)
+        if gone and (missing != "drop" or len(gone) == self.listed):
+            raise FileNotFoundError(missing_message(gone, self.listed, f"{split} {role}") + (DROP_HINT if missing != "drop" else ""))
+        if gone:
+            gone = set(gone)
+            keep = np.array([p not in gone for p in self.paths])
+            self.paths, rows = [p for p, k in zip(self.paths, keep) if k], rows[keep]
+        self.left_out = self.listed - len(self.paths)
         self.attrs, self.values = torch.from_numpy(rows[:, 1].copy()), torch.from_numpy(rows[:, 2].copy())
 
     def __len__(self):
@@ -450,16 +562,22 @@ class EvalItems(torch.utils.data.Dataset):
 class ZapposEvalSet(torch.utils.data.Dataset):
     """A zappos val/test list as unique (image, condition) items, each embedded once; triplets index the items."""
 
-    def __init__(self, root, split, img_size, num_triplets=None):
+    def __init__(self, root, split, img_size, num_triplets=None, missing="error"):
         self.img_size = img_size
         paths = zappos_paths(root)
         t = read_zappos_triplets(root, split, num_triplets or ZAPPOS_TRIPLETS[split], len(paths))  # (T, 4)
+        fids = np.unique(t[:, :3])
+        gone = missing_images([paths[f] for f in fids])
+        self.listed = len(t)
+        if gone and missing == "drop":  # leave out the triplets that use a missing image
+            gone_set = set(gone)
+            t = t[~np.isin(t[:, :3], [f for f in fids if paths[f] in gone_set]).any(1)]
+        if gone and (missing != "drop" or len(t) == 0):
+            raise FileNotFoundError(missing_message(gone, len(fids), f"zappos {split}") + (DROP_HINT if missing != "drop" else ""))
+        self.left_out = self.listed - len(t)
         pairs = np.stack([t[:, :3].reshape(-1), np.repeat(t[:, 3], 3)], 1)  # (3T, 2): image, condition
         items, inverse = np.unique(pairs, axis=0, return_inverse=True)
         self.paths = [paths[f] for f in items[:, 0]]
-        missing = missing_images(sorted(set(self.paths)))
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(set(self.paths)), f"zappos {split}"))
         self.item_conditions = torch.from_numpy(items[:, 1].copy())
         self.triplets = torch.from_numpy(inverse.reshape(-1, 3))  # (T, 3) item indices: anchor, far, close
         self.conditions = torch.from_numpy(t[:, 3].copy())  # (T,)
@@ -485,13 +603,17 @@ def chance_ap(queries, candidates):
     return ap
 
 
-def chance_map(name, root, split):
+def chance_map(name, root, split, missing="error"):
     """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (SPEC 3 quotes
-    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5."""
+    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
+    of the items whose images are there, those --eval-missing drop scores."""
     if name == "zappos":
         return 0.5
-    queries, candidates = read_items(name, root, split, "query")[1], read_items(name, root, split, "candidate")[1]
-    return float(chance_ap(queries, candidates).mean())
+    rows = []
+    for role in ("query", "candidate"):
+        paths, r = read_items(name, root, split, role)
+        rows.append(r[np.array([os.path.isfile(p) for p in paths], dtype=bool)] if missing == "drop" else r)
+    return float(chance_ap(*rows).mean())
 
 # -----------------------------------------------------------------------------
 # the synthetic dataset: garment-like figures with 5 independent attributes
@@ -634,12 +756,16 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
 def check(name, root, decode=False):
     """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
     errors, paths = [], []
+    found = check_folder(name, root)
     missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
     if missing:
         for p in missing:
             print(f"missing: {p}")
-        print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
-              "create it with: python data.py synth --out " + root)
+        if found and name not in found:
+            print(f"{looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found))
+        else:
+            print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
+                  "create it with: python data.py synth --out " + root)
         return 1
     meta = load_meta(name, root)
     A = len(meta["attributes"])
@@ -717,4 +843,7 @@ if __name__ == "__main__":
         make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
                        args.workers)
     else:
-        sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        try:
+            sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        except (OSError, ValueError) as e:  # a folder of another dataset, an unreadable meta.json: one line
+            sys.exit(f"error: {e}")
