@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cca import CCAConfig, build_model
-from data import EvalItems, ZapposEvalSet, chance_map, prepare_dataset
+from data import EvalItems, ZapposEvalSet, chance_map, describe_images, prepare_dataset
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -354,6 +354,7 @@ def main(argv=None):
     cfg = model.cfg
     print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; {args.split} split of {root}")
     try:
+        print(f"images: {describe_images(name, root, args.split, cfg.img_size)}")
         return score_and_draw(args, model, ckpt, root, device)
     except (OSError, ValueError) as e:  # a missing or corrupt image: say which
         raise SystemExit(f"error: {e}")
