@@ -833,9 +833,8 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
             chunk = max(1, min(256, n // (8 * workers)))
             jobs = [(tmp, paths[s:s + chunk], s, img_size) for s in range(0, n, chunk)]
             missing, unreadable, done, shown = [], [], 0, time.time()
-            pool = multiprocessing.Pool(workers) if workers > 1 else None
-            try:
-                for k, m, u in (pool.imap_unordered(_prepare_rows, jobs) if pool else map(_prepare_rows, jobs)):
+            with multiprocessing.Pool(workers) as pool:  # leaving the block (an error, Ctrl-C) ends the workers
+                for k, m, u in pool.imap_unordered(_prepare_rows, jobs):
                     done += k
                     missing += m
                     unreadable += u
@@ -843,10 +842,6 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
                         rate = done / (time.time() - t0)
                         print(f"  {done}/{n} images, {rate:.0f} img/s, eta {(n - done) / rate / 60:.1f} min", flush=True)
                         shown = time.time()
-            finally:
-                if pool:
-                    pool.close()
-                    pool.join()
             header = dict(version=PREPARED_VERSION, dataset=name, split=split, img_size=img_size, count=n,
                           fingerprint=_fingerprint(names), missing=sorted(missing), unreadable=sorted(unreadable),
                           layout="(count, 3, S, S) uint8 RGB; row i is read_image of the split's i-th image",
