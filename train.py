@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for training; checkpoints keep the plain weights (default: on with CUDA; off "
-                        "on the CPU, where the first compile of the demo's step took 4 minutes on 2 cores)")
+                        "on the CPU, where the demo's step gained nothing after about a minute of compiling)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="feed the ResNet stem channels-last (NHWC) images on CUDA, the layout cuDNN's bf16 convolutions "
                         "prefer (default: off; bench.py measures both)")

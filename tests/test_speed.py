@@ -257,7 +257,8 @@ def test_training_from_prepared_arrays_equals_training_from_memory(synth, tmp_pa
 
 def test_compiled_training_saves_plain_weights(synth, tmp_path, monkeypatch, capsys):
     """train.py wraps the model with torch.compile and still saves the plain weights. The stance runs the wrapped
-    model eagerly (a real CPU compile of this step took minutes), which leaves the wrapper and its prefixed names."""
+    model eagerly (a real compile of this step takes a minute or more on 2 CPU cores), which keeps the wrapper and
+    its prefixed names."""
     if not hasattr(torch.compiler, "set_stance"):
         pytest.skip("torch.compiler.set_stance needs torch 2.6")
     wrapped, compile_ = [], torch.compile
