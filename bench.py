@@ -71,6 +71,9 @@ def bench_model(args, device):
     model = CCA(cfg).to(device)
     peak = gpu_peak(device) if gpu else None
     print(f"arch {arch}, img {img}, batch {B}, K {K}")
+    if not gpu:
+        print("no GPU: sections 1 to 3 time this model in fp32; the paper's model at 224 px, bf16, torch.compile, "
+              "channels-last, MFU and peak memory are CUDA rows, skipped here")
 
     paper = CCAConfig(num_conditions=K, img_size=224)
     flops = training_flops(cfg)

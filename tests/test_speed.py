@@ -251,8 +251,6 @@ def test_training_from_prepared_arrays_equals_training_from_memory(synth, tmp_pa
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in "ab")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    train.main(run_args(synth, tmp_path / "c", "--workers", "1"))  # a loader worker cuts the batches
-    assert "step 2/2" in capsys.readouterr().out
 
 
 def test_compiled_training_saves_plain_weights(synth, tmp_path, monkeypatch, capsys):
