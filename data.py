@@ -5,7 +5,7 @@ the query/candidate items for evaluation, and a built-in synthetic dataset that 
     python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
     python data.py check --data synthetic                      # counts, chance mAP, missing images
     python data.py check --data fashionai --data-root data/fashionai
-    python data.py prepare --data fashionai --img-size 224   # decode every image once: data/fashionai/prepared/
+    python data.py prepare --data fashionai --img-size 224     # decode every image once, into prepared/ arrays
 
 Formats (SPEC sections 3 and 4):
 - fashionai, darn, deepfashion (ASEN's split): filenames_{train,valid,test}.txt (one relative image path
