@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import CCA, CCAConfig
+from cca import CCA, CCAConfig, build_model
 from data import (SYNTH_ATTRIBUTES, TripletBatches, TripletDataset, draw_garment, make_synthetic, prepare_images,
                   read_filenames)
 from train import gpu_peak, train_step, training_flops
@@ -48,7 +48,7 @@ def timeit(fn, device, warmup=3, iters=10):
 def forward_flops(cfg):
     """FLOPs of one image's forward pass, counted as training_flops counts them (meta device)."""
     with torch.device("meta"):
-        model = CCA(cfg)
+        model = build_model(cfg)
         x, c = torch.zeros(1, 3, cfg.img_size, cfg.img_size), torch.zeros(1, dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -75,11 +75,13 @@ def bench_model(args, device):
         print("no GPU: sections 1 to 3 time this model in fp32; the paper's model at 224 px, bf16, torch.compile, "
               "channels-last, MFU and peak memory are CUDA rows, skipped here")
 
-    paper = CCAConfig(num_conditions=K, img_size=224)
+    paper, plain = CCAConfig(num_conditions=K, img_size=224), CCAConfig(num_conditions=K, img_size=224, method="triplet")
     flops = training_flops(cfg)
-    print(f"\nFLOPs per image (FlopCounterMode: matmuls, convolutions, attention; counted on the meta device)")
+    print("\nFLOPs per image (FlopCounterMode: matmuls, convolutions, attention; counted on the meta device)")
     print(f"   the paper's model at 224 px: training step {training_flops(paper) / 1e9:.1f} GFLOPs "
           f"(forward {forward_flops(paper) / 1e9:.1f})")
+    print(f"   the plain hybrid (every block self-attention) at 224 px: training step {training_flops(plain) / 1e9:.1f} "
+          f"GFLOPs (forward {forward_flops(plain) / 1e9:.1f})")
     print(f"   {arch} at {img} px: training step {flops / 1e9:.3g} GFLOPs (forward {forward_flops(cfg) / 1e9:.3g})")
     print(f"   MFU against {peak[0]}" if peak else f"   no MFU: {torch.cuda.get_device_name(device)} is not in train.GPU_PEAKS"
           if gpu else "   no MFU on the CPU (no peak to compare with)")
