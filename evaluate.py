@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cca import CCAConfig, build_model, torch_load
-from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, error_message, identify, looks_like,
-                  prepare_dataset)
+from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
+                  looks_like, prepare_dataset)
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -408,6 +408,7 @@ def main(argv=None):
             if n:
                 print(f"warning: {args.split} {role}: {n} of {listed} listed images are missing; scored without them "
                       f"({NOT_COMPARABLE})")
+        print(f"images: {describe_images(name, root, args.split, cfg.img_size)}")
         return score_and_draw(args, model, ckpt, root, device)
     except (OSError, ValueError) as e:  # a missing or corrupt image: say which
         raise SystemExit(f"error: {error_message(e)}")

@@ -28,9 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
-from data import DATASETS, EVAL_MISSING, TripletDataset, chance_map, check_eval_images, error_message, prepare_dataset
+from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
+                  normalise, prepare_dataset)
 from evaluate import CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the training images once into memory, 3*S*S bytes each per rank, and batch them without "
-                        "loader workers (default: synthetic only)")
+                        "loader workers (default: synthetic only; prepared arrays of 'data.py prepare' are used instead when there are)")
     # model
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
     p.add_argument("--method", default=None, choices=METHODS, help="cca (the paper's model, the default), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
@@ -93,6 +95,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the triplet draws")
     p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for training; checkpoints keep the plain weights (default: on with CUDA; off "
+                        "on the CPU, where the demo's step gained nothing after about a minute of compiling)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="feed the ResNet stem channels-last (NHWC) images on CUDA, the layout cuDNN's bf16 convolutions "
+                        "prefer (default: off; bench.py measures both)")
     args = p.parse_args(argv)
     defaults = DEMO if args.data == "synthetic" else RECIPE
     for k, v in defaults.items():
@@ -211,6 +219,35 @@ def train_step(model, optimizer, a, p, n, c, margin, use_amp):
     return loss.detach(), acc
 
 
+# Dense (no sparsity) bf16 tensor-core peaks of NVIDIA's data sheets, in TFLOP/s, for the model FLOPs utilisation
+# (MFU): the first entry whose words all appear in torch.cuda.get_device_name() (case ignored) is the GPU.
+GPU_PEAKS = [(("h100", "pcie"), "H100 PCIe", 756), (("h100", "nvl"), "H100 NVL", 835), (("h100",), "H100 SXM", 989),
+             (("h200", "nvl"), "H200 NVL", 835), (("h200",), "H200 SXM", 989), (("a100",), "A100", 312)]
+
+
+def gpu_peak(device):
+    """(name, dense bf16 FLOP/s) of a known CUDA GPU, else None: no MFU without a peak."""
+    name = torch.cuda.get_device_name(device).lower()
+    for words, label, tflops in GPU_PEAKS:
+        if all(w in name for w in words):
+            return f"{label} {tflops} TFLOP/s dense bf16", tflops * 1e12
+    return None
+
+
+def training_flops(cfg):
+    """FLOPs of one image in a training step (forward and backward of a triplet, over its 3 images), counted by torch's
+    FlopCounterMode: matmuls, convolutions and attention (as its two matmuls), not norms or element-wise ops. Counted
+    on the meta device, where nothing is allocated or computed."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+        x, c = torch.zeros(3, 3, cfg.img_size, cfg.img_size), torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        f = model(x, c.repeat(3)).view(3, 1, -1)
+        triplet_loss(f[0], f[1], f[2], 0.2)[0].backward()
+    return counter.get_total_flops() / 3
+
+
 def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
     """One dict that suffices to resume and to evaluate; written to a temporary file, then renamed."""
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
@@ -311,9 +348,20 @@ def train(args, rank, world, device):
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, best, history = resume["epoch"] + 1, resume["best_metric"], resume["history"]
         print0(f"resumed from {args.resume} at epoch {start_epoch} (best so far {best:.4f})")
-    raw = model
+    raw = model  # what is saved and evaluated: not compiled, not wrapped
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.compile:
+        model = torch.compile(model)  # compiles on the first steps (a minute or more for the paper's model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    channels_last = args.channels_last and device.type == "cuda"
+    peak = flops = None
+    if device.type == "cuda":
+        flops, peak = training_flops(cfg), gpu_peak(device)
+        print0(f"{flops / 1e9:.1f} GFLOPs per training image (counted); "
+               + (f"MFU against {peak[0]}" if peak else f"no MFU: no peak known for {torch.cuda.get_device_name(device)}"))
+    print0(f"torch.compile {'on' if args.compile else 'off'}, channels-last {'on' if channels_last else 'off'}")
 
     data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True,
                           cache=args.cache_images)
@@ -322,6 +370,10 @@ def train(args, rank, world, device):
     steps = len(data) // per_rank
     if steps == 0:
         raise ValueError(f"an epoch holds {len(data) * world} triplets, less than one batch of {args.batch_size}")
+    stored = (f"{data.prepared.path} (prepared, memory-mapped)" if data.prepared is not None else
+              "decoded once into memory" if data.images is not None else
+              f"decoded from the image files by {args.workers} loader workers per rank")
+    print0(f"images: train {stored}; valid {describe_images(args.data, root, 'valid', cfg.img_size)}")
     chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
@@ -336,8 +388,12 @@ def train(args, rank, world, device):
         data.set_epoch(epoch)
         # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
         torch.manual_seed(args.seed + 1000 * epoch + rank)
-        if data.images is not None:  # decoded in memory: a batch is a few tensor ops in this process, no loader
-            loader = (data.batch(np.arange(i * per_rank, (i + 1) * per_rank)) for i in range(steps))
+        if data.images is not None or (data.prepared is not None and args.workers == 0):
+            # stored images: a batch is a few tensor ops in this process, no loader
+            loader = (data.raw_batch(np.arange(i * per_rank, (i + 1) * per_rank)) for i in range(steps))
+        elif data.prepared is not None:  # the workers cut whole uint8 batches from the one memory-mapped file
+            loader = torch.utils.data.DataLoader(TripletBatches(data, per_rank), batch_size=None, num_workers=args.workers,
+                                                 pin_memory=use_amp)
         else:
             loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=False, drop_last=True, num_workers=args.workers,
                                                  pin_memory=use_amp, persistent_workers=False)
@@ -349,6 +405,10 @@ def train(args, rank, world, device):
             if step == steps:
                 break
             a, p, n, c = (t.to(device, non_blocking=True) for t in (a, p, n, c))
+            if a.dtype == torch.uint8:  # stored images travel as uint8, a quarter of float32's bytes; normalised here
+                a, p, n = normalise(a), normalise(p), normalise(n)
+            if channels_last:
+                a, p, n = (t.contiguous(memory_format=torch.channels_last) for t in (a, p, n))
             set_trunk_lr(optimizer, epoch * steps + step, args.trunk_warmup)
             loss, acc = train_step(model, optimizer, a, p, n, c, args.margin, use_amp)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), epoch * steps + step, first_bad)
@@ -367,8 +427,9 @@ def train(args, rank, world, device):
                 dt = time.time() - t_log
                 ips = 3 * args.batch_size * n_sum / dt
                 eta = (time.time() - t_start) / done_steps * (total_steps - done_steps)
+                mfu = f" mfu {flops * ips / world / peak[1]:.1%}" if peak else ""  # ips counts every rank's images
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss_v:.4f} triplet acc {acc_v:.3f} "
-                       f"lr {lr_text(optimizer)} {ips:.0f} img/s eta {fmt_time(eta)}")
+                       f"lr {lr_text(optimizer)} {ips:.0f} img/s{mfu} eta {fmt_time(eta)}")
                 loss_sum.zero_()
                 acc_sum.zero_()
                 n_sum, t_log = 0, time.time()
