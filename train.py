@@ -20,6 +20,7 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -160,16 +161,36 @@ def setup(device_arg):
 
 
 def cleanup(finished):
-    """Tear the process group down. After a finished run every rank first waits at a barrier: no rank exits while
-    rank 0 still validates and saves, and gloo's worker thread can drop the tensors of the last all_gather (which
-    needs the GIL) while the interpreter is still running. A rank that reached interpreter exit within milliseconds
-    of its last all_gather aborted with "terminate called without an active exception": that thread asked a
-    finalizing interpreter for the GIL (docs/LOG.md has the backtrace). After an error there is no barrier: the other
-    ranks may never reach it."""
+    """Tear the process group down. After a finished run every rank first waits at a barrier, so that no rank
+    leaves while rank 0 still validates and saves. After an error there is no barrier: the other ranks may never
+    reach it."""
     if dist.is_initialized():
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(main):
+    """Run a command's main; under torchrun, leave with os._exit once it has returned, after flushing the output.
+
+    A rank must not go through the interpreter's finalization: gloo's worker threads outlive
+    destroy_process_group, and one that drops the last reference to a collective's Python-owned tensors (the last
+    all_gather or all_reduce) asks for the GIL; during finalization Python ends such a thread with pthread_exit,
+    which unwinds through a noexcept destructor and aborts the whole process ("terminate called without an
+    active exception", SIGABRT) after the run has finished. docs/LOG.md has the backtrace. Everything the run
+    writes (checkpoints, JSON) is complete and renamed into place before main returns."""
+    if "RANK" not in os.environ:  # one process, no process group: an ordinary exit
+        return main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # main's one-line errors and argparse's exits
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print0(*a, **kw):
@@ -459,4 +480,4 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    exit_rank(main)
