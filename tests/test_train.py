@@ -1,6 +1,7 @@
 """End-to-end tests of train.py and evaluate.py on a small synthetic dataset (CPU, 32 px, tiny model)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,10 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import evaluate
 import train
-from cca import CCA, CCAConfig
+from cca import CCA, CCAConfig, build_model
 from data import make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,9 +169,32 @@ def test_triplet_loss_is_eq9_with_cosine_distance():
     assert loss.item() == pytest.approx(0.2) and acc.item() == 0.5
 
 
+def test_csn_loss_with_its_regularisers_equals_the_written_out_form():
+    torch.manual_seed(0)
+    model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="csn"))
+    a, p, n = (torch.randn(4, 3, 32, 32) for _ in range(3))
+    c = torch.tensor([0, 3, 3, 1])
+    # CSN's form (its main.py and csn.py): each image of the triplet embedded on its own; the Frobenius norm of a
+    # (B, d) batch of unmasked embeddings over sqrt(B), averaged over the three; the L1 norm of the masks over B
+    with torch.no_grad():
+        E = [model.head(model.norm(model.blocks[-1](model.trunk(t)))[:, 0]) for t in (a, p, n)]
+        mask = torch.relu(model.condition.mask[c])
+        fa, fp, fn = (F.normalize(e * mask, dim=-1) for e in E)
+        triplet = torch.clamp((fa * fn).sum(1) - (fa * fp).sum(1) + 0.1, min=0).mean()
+        embed = sum(torch.sqrt((e ** 2).sum()) for e in E) / 3 / math.sqrt(4)
+        l1 = mask.abs().sum() / 4
+    expected = triplet + 5e-3 * embed + 5e-4 * l1
+    assert 5e-3 * embed > 1e-4 and 5e-4 * l1 > 1e-4  # both terms count
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False, csn_reg=(5e-3, 5e-4))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False)  # without: the triplet loss alone
+    torch.testing.assert_close(loss, triplet, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"], ["--trunk-warmup", "-1"],
-                ["--condition-type", "3"]):
+                ["--condition-type", "3"], ["--csn-mask-reg", "1e-3"], ["--method", "csn", "--csn-embed-reg", "-1"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
@@ -187,6 +212,16 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
     with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
         train.main(common(synth, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
+    # a TF-ASEN checkpoint from before ASEN's module was followed: one line naming the keys, no traceback
+    sd = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen")).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("condition.")}
+    sd.update({"condition.attr_spatial.weight": torch.zeros(5, 128), "condition.attr_proj.weight": torch.zeros(128, 128)})
+    torch.save(dict(model=sd, config=dict(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen"), meta={}, args={},
+                    epoch=0), tmp_path / "old_asen.pt")
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "old_asen.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "old_asen.pt: the weights do not fit the asen model" in r.stderr and "condition.attr_proj.weight" in r.stderr
+    assert "condition.attr_spatial.weight (5, 128) vs (512, 5)" in r.stderr and "retrain" in r.stderr
 
 
 def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
@@ -227,6 +262,7 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
     train.main(common(synth, tmp_path) + ["--epochs", "1", "--method", method])
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
     assert ckpt["config"]["method"] == method
+    assert (ckpt["args"]["csn_embed_reg"], ckpt["args"]["csn_mask_reg"]) == ((5e-3, 5e-4) if method == "csn" else (0, 0))  # CSN's
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0"])
     assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
 
