@@ -708,12 +708,18 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
     """Write weights of any supported layout as a timm-named backbone state dict for `img_size`."""
     model = CCA(CCAConfig(arch=arch, img_size=img_size))
     load_pretrained(model, src)
+    save_backbone(model, dst, os.path.basename(src))
+
+
+def save_backbone(model, dst, source):
+    """Write the model's backbone (backbone_keys) as the .pt that --pretrained reads: {"format": "cca-backbone",
+    "arch", "img_size", "source", "state_dict"}; written to a temporary file, then renamed."""
     state = model.state_dict()
     sd = {k: state[k] for k in model.backbone_keys()}
     tmp = dst + ".tmp"
-    torch.save({"format": "cca-backbone", "arch": arch, "img_size": img_size, "source": os.path.basename(src), "state_dict": sd}, tmp)
+    torch.save({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, tmp)
     os.replace(tmp, dst)
-    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {img_size}")
+    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {model.cfg.img_size}")
 
 
 def count_parameters(module):

@@ -280,19 +280,63 @@ def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path):  # noqa: F
     assert ckpt["meta"]["format"] == "zappos" and 0 <= result["total"] <= 1
 
 
-def test_compare_prints_the_table_with_a_random_row(synth, tmp_path, capsys):
+def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth, tmp_path, capsys):
     import compare
 
-    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--out-dir", str(tmp_path),
-                  "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "16", "--workers", "0"])
+    tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
+    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--seeds", "0", "1",
+                  "--out-dir", str(tmp_path), "--train-args"] + tiny)
     out = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["random embedding", "Triplet network", "CCA (Type-2)"]
+    rows = [line.split("|") for line in table.splitlines()[2:5]]
+    assert [r[1].strip() for r in rows] == ["random embedding", "Triplet network", "CCA (Type-2)"]
     results = json.load(open(tmp_path / "results.json"))
-    assert set(results["methods"]) == {"random", "triplet", "cca2"}
-    ckpt = torch.load(tmp_path / "cca2" / "best.pt", weights_only=True)
-    assert results["methods"]["cca2"]["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)  # scored like evaluate.py
+    assert set(results["methods"]) == {"random", "triplet", "cca2"} and results["seeds"] == [0, 1]
+    cca2 = results["methods"]["cca2"]
+    for seed in (0, 1):  # each seed's run is its own, scored like evaluate.py
+        ckpt = torch.load(tmp_path / f"seed{seed}" / "cca2" / "best.pt", weights_only=True)
+        assert ckpt["args"]["seed"] == seed
+        assert cca2["totals"][str(seed)] == pytest.approx(ckpt["best_metric"], abs=1e-9)
+    totals = [cca2["totals"]["0"], cca2["totals"]["1"]]
+    assert totals[0] != totals[1]  # two seeds, two runs
+    assert cca2["total"] == pytest.approx(sum(totals) / 2) and (cca2["min"]["total"], cca2["max"]["total"]) == (min(totals), max(totals))
+    assert cca2["std"]["total"] == pytest.approx(abs(totals[0] - totals[1]) / math.sqrt(2))
+    assert f"**{100 * cca2['total']:.2f} ({100 * min(totals):.2f}-{100 * max(totals):.2f})**" in rows[2][-4]
+    assert "mean over 2 seeds (0, 1)" in table and "from scratch" in table
     assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
+    # a second call trains nothing: every (method, seed) has its best.pt
+    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "1",
+                  "--out-dir", str(tmp_path), "--train-args"] + tiny)
+    assert "seed1/triplet/best.pt exists, not trained again" in capsys.readouterr().out
+
+
+def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth, tmp_path):
+    import compare
+    from cca import load_pretrained
+
+    path = str(tmp_path / "pre" / "tiny.pt")
+    result = compare.main(["pretrain", "--out", path, "--num-train", "64", "--num-test", "24", "--epochs", "1", "--batch-size", "32",
+                           "--workers", "1"])
+    assert 0 <= result["accuracy"] <= 1
+    saved = torch.load(path, weights_only=True)
+    assert (saved["format"], saved["arch"], saved["img_size"]) == ("cca-backbone", "tiny", 32) and "shapes" in saved["source"]
+    torch.manual_seed(0)  # the pretraining's initial weights: pretraining moved them
+    init = build_model(CCAConfig(arch="tiny", num_conditions=1, img_size=32, method="triplet")).state_dict()
+    assert not torch.allclose(saved["state_dict"]["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    for method, ctype in (("cca", 1), ("cca", 2), ("triplet", 2), ("csn", 2), ("asen", 2)):
+        model = build_model(CCAConfig(arch="tiny", num_conditions=5, condition_type=ctype, img_size=32, out_dim=16, method=method))
+        report = load_pretrained(model, path, verbose=False)
+        own = model.state_dict()
+        assert report["new"] == [k for k in own if k.startswith(("condition.", "head."))] and report["new"]
+        assert report["loaded"] == [k for k in own if not k.startswith(("condition.", "head."))] and not report["resized"]
+        assert sorted(report["loaded"]) == sorted(saved["state_dict"]) and not report["dropped"]
+        assert all(torch.equal(own[k], saved["state_dict"][k]) for k in report["loaded"])
+    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "0", "--pretrained", path,
+                  "--out-dir", str(tmp_path / "cmp"), "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8",
+                  "--num-triplets", "16", "--workers", "0"])
+    ckpt = torch.load(tmp_path / "cmp" / "seed0" / "triplet" / "best.pt", weights_only=True)
+    assert (ckpt["args"]["pretrained"], ckpt["args"]["trunk_warmup"]) == (path, 0)
+    assert "from the pretrained trunk" in (tmp_path / "cmp" / "table.md").read_text()
 
 
 def test_missing_images_are_reported_up_front(synth, tmp_path, capsys):
