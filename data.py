@@ -1,6 +1,7 @@
 """
 Data for CCA: the four benchmarks in their real file formats, conditioned triplets for training,
-the query/candidate items for evaluation, and a built-in synthetic dataset that needs no download.
+the query/candidate items for evaluation, a built-in synthetic dataset that needs no download, and the shapes set,
+another drawn image family with its own 24 classes, that `python compare.py pretrain` pretrains a trunk on.
 
     python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
     python data.py check --data synthetic                      # counts, chance mAP, missing images
