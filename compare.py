@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import evaluate
 import train
 from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, save_backbone
-from data import DATASETS, SHAPE_CLASSES, EvalItems, chance_map, make_shapes, normalise, prepare_dataset
+from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
 from evaluate import evaluate_split, load_checkpoint, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -56,24 +56,27 @@ METHODS = {
 PAPER_RANDOM = 15.79
 
 
-def random_row(root, meta, split, dim, seed):
+def random_row(root, meta, split, dim, seed, missing="error"):
     """mAP of random unit embeddings: the 'random' row of the paper's tables."""
     g = torch.Generator().manual_seed(seed)
-    q, c = (EvalItems(meta["name"], root, split, role, 32) for role in ("query", "candidate"))
-    return mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
-                                  torch.randn(len(c), dim, generator=g), c.attrs, c.values)
+    q, c = (EvalItems(meta["name"], root, split, role, 32, missing) for role in ("query", "candidate"))
+    result = mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
+                                    torch.randn(len(c), dim, generator=g), c.attrs, c.values)
+    return evaluate.mark_incomplete(result, {"query": (q.left_out, q.listed), "candidate": (c.left_out, c.listed)})
 
 
 def over_seeds(runs, num_attributes):
     """Mean, min, max and standard deviation (n - 1; 0 for one seed) over the seeds' results, per attribute and in
-    total: {stat: {"total", "mean_over_attributes", "per_attribute": {a: value}}}."""
+    total: {stat: {"total", "mean_over_attributes", "per_attribute": {a: value}}}, and "incomplete": the seeds' notes
+    of a split scored without some of its images (evaluate.mark_incomplete)."""
     def stats(values):
         v = np.array(values, dtype=np.float64)
         return dict(mean=v.mean(), min=v.min(), max=v.max(), std=v.std(ddof=1) if len(v) > 1 else 0.0)
     cols = {"total": stats([r["total"] for r in runs]), "mean_over_attributes": stats([r["mean_over_attributes"] for r in runs])}
     per = {a: stats([r["per_attribute"][a] for r in runs]) for a in range(num_attributes) if all(a in r["per_attribute"] for r in runs)}
-    return {s: dict(total=float(cols["total"][s]), mean_over_attributes=float(cols["mean_over_attributes"][s]),
-                    per_attribute={a: float(v[s]) for a, v in per.items()}) for s in ("mean", "min", "max", "std")}
+    agg = {s: dict(total=float(cols["total"][s]), mean_over_attributes=float(cols["mean_over_attributes"][s]),
+                   per_attribute={a: float(v[s]) for a, v in per.items()}) for s in ("mean", "min", "max", "std")}
+    return dict(agg, incomplete=sorted({r["incomplete"] for r in runs if "incomplete" in r}))
 
 
 def cell(agg, get, seeds):
@@ -93,7 +96,8 @@ def table(rows, meta, seeds):
         cells = [cell(agg, lambda r, a=a: r["per_attribute"].get(a), seeds) for a in range(len(names))]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | **{cell(agg, lambda r: r['total'], seeds)}** | "
                      f"{cell(agg, lambda r: r['mean_over_attributes'], seeds)} | {paper:.2f} |")
-    return "\n".join(lines)
+    notes = sorted({n for _, agg, _ in rows for n in agg["incomplete"]})
+    return "\n".join(lines + [f"\nIncomplete split: {n}." for n in notes])
 
 
 def machine(device):
@@ -117,7 +121,10 @@ def main(argv=None):
                                                       "with --trunk-warmup 0")
     p.add_argument("--out-dir", default=None, help="where the runs and the table go (default: runs/compare, or runs/compare-pretrained "
                                                    "with --pretrained)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
+                        "table then marked not comparable with published numbers")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -125,12 +132,10 @@ def main(argv=None):
     if args.pretrained and not os.path.isfile(args.pretrained):
         p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
     out_dir = args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare")
-    try:
-        root, meta = prepare_dataset(args.data, args.data_root)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    root, meta = prepare_dataset(args.data, args.data_root)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common = ["--data", args.data, "--data-root", root] + (["--epochs", str(args.epochs)] if args.epochs else [])
+    common = ["--data", args.data, "--data-root", root, "--eval-missing", args.eval_missing] + (
+        ["--epochs", str(args.epochs)] if args.epochs else [])
     if args.pretrained:
         common += ["--pretrained", args.pretrained, "--trunk-warmup", "0"]
     if args.device:
@@ -151,10 +156,10 @@ def main(argv=None):
                 train.main(common + flags + ["--seed", str(seed), "--out-dir", out] + args.train_args)
                 seconds = time.time() - t0
             model, ckpt = load_checkpoint(ckpt_path, device)
-            r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device)
+            r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
             runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds, **r)
             print(f"{label}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
-        runs["random"][seed] = random_row(root, meta, args.split, 1024, seed)
+        runs["random"][seed] = random_row(root, meta, args.split, 1024, seed, args.eval_missing)
 
     results, rows = {}, []
     for name in runs:
@@ -162,8 +167,9 @@ def main(argv=None):
         agg = over_seeds(list(runs[name].values()), A)
         rows.append((label, agg, paper))
         results[name] = dict(label=label, paper_fashionai_total=paper, totals={s: r["total"] for s, r in runs[name].items()},
-                             **agg["mean"], **{k: agg[k] for k in ("min", "max", "std")}, seeds=runs[name])
-    chance = chance_map(args.data, root, args.split)
+                             **agg["mean"], **{k: agg[k] for k in ("min", "max", "std")}, seeds=runs[name],
+                             **({"incomplete": agg["incomplete"]} if agg["incomplete"] else {}))
+    chance = chance_map(args.data, root, args.split, args.eval_missing)
     n = len(args.seeds)
     text = (table(rows, meta, n) + f"\n\n{args.split} mAP in per cent" + (f", mean over {n} seeds ({', '.join(map(str, args.seeds))}) "
             "with the lowest and highest seed in brackets" if n > 1 else f", seed {args.seeds[0]}")
@@ -179,7 +185,8 @@ def main(argv=None):
     if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
         ckpt = lambda name: os.path.join(out_dir, f"seed{args.seeds[0]}", name, "best.pt")  # noqa: E731
         evaluate.main(["--ckpt", ckpt("cca2"), "--compare", ckpt("triplet"), "--embeddings", "--no-score", "--split", args.split,
-                       "--data-root", root, "--out", out_dir] + (["--device", args.device] if args.device else []))
+                       "--data-root", root, "--out", out_dir, "--eval-missing", args.eval_missing]
+                      + (["--device", args.device] if args.device else []))
     print(f"wrote {out_dir}/table.md, results.json")
 
 
@@ -203,7 +210,7 @@ def pretrain(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the images and of the weights")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes drawing the images (default: the cores, at most 8; the images do not depend on it)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     args = p.parse_args(argv)
     for k in ("num_train", "num_test", "epochs", "batch_size", "log_every"):
@@ -277,4 +284,7 @@ def pretrain(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing dataset or image, an unreadable checkpoint: one line
+        raise SystemExit(f"error: {error_message(e)}")
