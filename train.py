@@ -6,6 +6,8 @@ Train CCA with conditioned triplets (paper sections 3.3 and 4.2), on one process
 
     python cca.py convert R50+ViT-B_16.npz vit_r50_b16_224.pt
     torchrun --nproc_per_node=8 train.py --data fashionai --pretrained vit_r50_b16_224.pt
+    python data.py import catalogue.csv --out data/shop          # your own catalogue (a CSV of labels), then
+    torchrun --nproc_per_node=8 train.py --data custom --data-root data/shop --pretrained vit_r50_b16_224.pt
 
 The paper's recipe is the default on real data: 64 triplets per step in total (split over the ranks),
 Adam at 1e-4, margin 0.2, 100,000 fresh triplets per epoch (Zappos: CSN's 200,000 fixed triplets),
@@ -54,7 +56,7 @@ DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_0
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use)")
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use; custom: a folder written by data.py import)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
@@ -239,6 +241,9 @@ def train(args, rank, world, device):
     model = build_model(cfg)
     if args.pretrained and resume is None:
         load_pretrained(model, args.pretrained, verbose=rank == 0)
+    elif args.data == "custom" and resume is None and cfg.arch == "vit_r50_b16":
+        print0("warning: training R50+ViT-B/16 from scratch: a catalogue is far too small for that (the paper starts from "
+               "ImageNet-21k weights); give --pretrained")
     model.to(device)
     print0(f"model {cfg.arch}, method {cfg.method} (type-{cfg.condition_type} condition token for cca), {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
 
