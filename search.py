@@ -156,6 +156,24 @@ def _finish_file(tmp, out, header, n_rows, keep, K, D):
         os.fsync(f.fileno())
     os.replace(tmp, out)
 
+def write_index(out, embeddings, paths, attributes, values, labels=None, checkpoint=None, failed=(), img_size=0):
+    """Write embeddings (K, N, D) made elsewhere (or by hand) as an index file; return it read back.
+    checkpoint: {"sha256", "config"} of the model that made them (weights_sha256), or None."""
+    e = np.asarray(embeddings, dtype="<f2")
+    K, N, D = e.shape
+    if len(paths) != N or len(attributes) != K or len(values) != K:
+        raise ValueError(f"embeddings {e.shape} need N = {N} paths and K = {K} attributes and value lists, got "
+                         f"{len(paths)}, {len(attributes)}, {len(values)}")
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
+        f.write(e.tobytes())
+    header = dict(version=VERSION, shape=[K, N, D], dtype="float16", paths=list(paths), attributes=list(attributes),
+                  values=[list(v) for v in values], labels=None if labels is None else np.asarray(labels).tolist(),
+                  failed=[list(x) for x in failed], checkpoint=checkpoint or dict(sha256=None, config={}), img_size=img_size)
+    _finish_file(tmp, out, header, N, np.arange(N), K, D)
+    return read_index(out)
+
 # -----------------------------------------------------------------------------
 # building an index
 
