@@ -113,6 +113,26 @@ def test_weighted_sum_of_cosines_on_vectors_made_by_hand(tmp_path):
     assert search.query(index, q, ["b"], topk=4)[3]["values"] == {"b": None}  # unlabelled: None
 
 
+def test_two_pass_query_ranks_as_float32_does(tmp_path):
+    # 3,000 items in 4 dimensions: many scores closer together than float16 resolves, so the first pass alone
+    # would misorder them; the second must give exactly the float32 ranking (ties by index)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(3, 3000, 4, generator=g), dim=-1)
+    emb[:, 17] = emb[:, 5]  # an exact tie
+    index = search.write_index(str(tmp_path / "r.idx"), emb.numpy(), [str(i) for i in range(3000)], ["a", "b", "c"], [[], [], []])
+    q = torch.nn.functional.normalize(torch.from_numpy(np.array(index.embeddings[:, 5])).float(), dim=-1)  # item 5 (and 17) best
+    for attrs, w in ((["a"], None), (["a", "c"], [1.0, -0.3])):
+        hits = search.query(index, q, attrs, w, topk=50, exclude=[3])
+        ids = [index.attributes.index(a) for a in attrs]
+        e = torch.from_numpy(np.array(index.embeddings[ids])).float()  # (A, N, D)
+        exact = ((torch.tensor(w or [1.0])[:, None] * torch.einsum("and,ad->an", e, q[ids])).sum(0))
+        exact[3] = -float("inf")
+        want = torch.sort(exact, descending=True, stable=True).indices[:50].tolist()
+        assert [h["index"] for h in hits] == want
+        assert [h["score"] for h in hits] == pytest.approx(exact[want].tolist(), abs=1e-6)
+    assert [h["index"] for h in search.query(index, q, ["b"], topk=2)] == [5, 17]
+
+
 def test_labelled_split_gallery_shows_value_names(env, tmp_path, capsys):
     out, png = str(tmp_path / "test.idx"), str(tmp_path / "s.png")
     search.main(["index", "--ckpt", env["ckpt"], "--data-root", env["synth"], "--split", "test", "--out", out, "--workers", "0"])
