@@ -156,6 +156,7 @@ def _finish_file(tmp, out, header, n_rows, keep, K, D):
         os.fsync(f.fileno())
     os.replace(tmp, out)
 
+
 def write_index(out, embeddings, paths, attributes, values, labels=None, checkpoint=None, failed=(), img_size=0):
     """Write embeddings (K, N, D) made elsewhere (or by hand) as an index file; return it read back.
     checkpoint: {"sha256", "config"} of the model that made them (weights_sha256), or None."""
@@ -243,14 +244,14 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
         if batch is not None:
             images, idx, why = batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                f = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
-            f, idx = f.float().half().reshape(len(idx), K * D), idx.to(device)
+                e = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
+            e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
             errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
         else:
-            f, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
+            e, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
         start = step * window
         m = min(window, n - start)
-        g = gather_by_index(f, idx - start, m)  # (m, K * D) in image order
+        g = gather_by_index(e, idx - start, m)  # (m, K * D) in image order
         if rank == 0:
             emb[:, start:start + m] = g.view(m, K, D).transpose(0, 1).cpu().numpy()
             now = time.time()
@@ -509,8 +510,9 @@ def run_query(args):
     model, _ = load_model(args.ckpt, device)
     check_model(index, model, args.ckpt)
     emb = embed_image(model, args.image)
-    me = os.path.realpath(args.image)
-    exclude = [i for i, p in enumerate(index.paths) if os.path.realpath(p) == me]  # the query is not its own result
+    me, base = os.path.realpath(args.image), os.path.basename(args.image)
+    # the query is not its own result (same file: same name first, a cheap filter for a million paths)
+    exclude = [i for i, p in enumerate(index.paths) if os.path.basename(p) == base and os.path.realpath(p) == me]
     results = query(index, emb, args.attr, args.weight, args.topk, exclude, device)
     query_values = ({a: index.value_name(exclude[0], index.attributes.index(a)) for a in args.attr} if exclude
                     else {a: None for a in args.attr})
