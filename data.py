@@ -5,6 +5,7 @@ the query/candidate items for evaluation, and a built-in synthetic dataset that 
     python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
     python data.py check --data synthetic                      # counts, chance mAP, missing images
     python data.py check --data fashionai --data-root data/fashionai
+    python data.py import catalogue.csv --out data/shop         # your own labels -> the ASEN format (--data custom)
 
 Formats (SPEC sections 3 and 4):
 - fashionai, darn, deepfashion (ASEN's split): filenames_{train,valid,test}.txt (one relative image path
@@ -13,15 +14,19 @@ Formats (SPEC sections 3 and 4):
 - zappos (CSN's split): filenames.json (plain text, one path a line, relative to ut-zap50k-images/) and
   tripletlists/{class,closure,gender,heel}_tripletlist_{train,val,test}.txt, lines `anchor far close`.
 - synthetic: drawn by this file and written in exactly the ASEN format, so one code path loads both.
+- custom: a folder that `data.py import` wrote from a CSV of labels (path,attribute,value rows, or one column per
+  attribute; or FashionAI's Annotations/label.csv), in the ASEN format, meta.json with the value names.
 """
 import argparse
 import colorsys
+import csv
 import json
 import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -729,8 +734,6 @@ def read_catalogue(csv_path, fmt="auto"):
     """Read a catalogue CSV (UTF-8 with or without a byte-order mark, any line ends, quoted fields).
     Returns dict(format, attributes (in the file's order), values ({attribute: value names} for FashionAI, else
     None: the names are the sorted set seen), labels [(line, path, attribute, value name)], bad [messages])."""
-    import csv
-
     if fmt not in IMPORT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {IMPORT_FORMATS}")
     try:
@@ -880,8 +883,7 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
     paths = sorted(p for p, have in by_image.items() if have)
     resolved = [os.path.join(image_root, p) for p in paths]
     t0 = time.time()
-    from concurrent.futures import ThreadPoolExecutor  # pillow decodes without the GIL: threads suffice
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # pillow decodes without the GIL: threads suffice
         problems = list(pool.map(_image_problem, resolved, chunksize=64))
     missing = [r for r, why in zip(resolved, problems) if why == "missing"]
     unreadable = [f"{r}: {why}" for r, why in zip(resolved, problems) if why not in (None, "missing")]

@@ -539,7 +539,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("index", help="embed a gallery under every attribute into an index file")
     q.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
-    q.add_argument("--images", default=None, help="a folder (searched recursively) or a list file of image paths")
+    q.add_argument("--images", default=None, help="a folder (searched recursively) or a list file (one path a line, relative to the list's folder)")
     q.add_argument("--data-root", default=None, help="or: a labelled ASEN-format folder (data.py import writes one) ...")
     q.add_argument("--split", default="test", choices=("train", "valid", "test"), help="... and its split, whose value names query shows")
     q.add_argument("--out", required=True, help="the index file to write")
