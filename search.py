@@ -41,7 +41,7 @@ import json
 import math
 import os
 import struct
-import sys
+import tempfile
 import time
 from dataclasses import asdict
 
@@ -561,7 +561,7 @@ def main(argv=None):
     q.add_argument("--num-attributes", type=int, default=8, help="K")
     q.add_argument("--out-dim", type=int, nargs="+", default=[128, 1024], help="embedding widths to measure")
     q.add_argument("--queries", type=int, default=5, help="timed queries after the first")
-    q.add_argument("--dir", default=".", help="where the temporary index files go (deleted after)")
+    q.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary index files go (deleted after)")
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.command == "index" and bool(args.images) == bool(args.data_root):
