@@ -806,7 +806,7 @@ def read_catalogue(csv_path, fmt="auto"):
         elif "\n" in path or "\r" in path:
             bad.append(f"{csv_path}:{n}: a line break inside the path {path!r}")
         elif value:  # an empty value is "not labelled"
-            kept.append((n, path, attr, value))
+            kept.append((n, os.path.normpath(path), attr, value))  # "./a.jpg" and "a.jpg" are one image
     return dict(format=fmt, attributes=attributes, values=values, labels=kept, bad=bad)
 
 
@@ -878,6 +878,10 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
         log(f"conflicting labels (one image, one attribute, two values): {len(conflict_lines)}, left unlabelled"
             + _examples(conflict_lines))
     values = cat["values"] or {a: sorted({v for _, _, at, v in cat["labels"] if at == a}) for a in attributes}
+    empty = [a for a in attributes if not values[a]]
+    if empty:
+        log(f"attributes without a single label (left out): {', '.join(empty)}")
+        attributes = [a for a in attributes if values[a]]
 
     # every labelled image must be there and decode
     paths = sorted(p for p, have in by_image.items() if have)
@@ -959,6 +963,8 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
                          f"(no attribute is labelled on 2 of its images); raise --valid-frac / --test-frac or add labels")
 
     os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):  # an earlier import: unfinished until the new meta.json
+        os.remove(os.path.join(out, "meta.json"))
     for name, lines in files.items():
         _write_text(os.path.join(out, name), lines)
     meta = {"ATTRIBUTES": attributes, "ATTRIBUTES_NUM": {a: len(values[a]) for a in attributes},

@@ -160,7 +160,8 @@ def test_duplicates_conflicts_and_bad_rows_are_reported(shop, tmp_path):
     with open(shop / "long.csv", encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f))
     p0, p1 = rows[1][0], rows[3][0]
-    extra = [[p0, "colour", "Red"], [p1, "colour", "Green"], ["only two", "fields"]]  # a repeat, a conflict, a bad row
+    # a repeat (under another spelling of the path), a conflict, a bad row
+    extra = [["./" + p0, "colour", "Red"], [p1, "colour", "Green"], ["only two", "fields"]]
     write_csv(tmp_path / "c.csv", rows[0], rows[1:] + extra)
     logs = []
     s = data.import_catalogue(str(tmp_path / "c.csv"), str(tmp_path / "out"), image_root=str(shop), log=logs.append)
@@ -169,7 +170,13 @@ def test_duplicates_conflicts_and_bad_rows_are_reported(shop, tmp_path):
     found = labels_in_folder(str(tmp_path / "out"))
     assert "colour" not in found[os.path.normpath(os.path.join(shop, p1))]  # a conflicting label is dropped ...
     assert found[os.path.normpath(os.path.join(shop, p0))]["colour"] == "Red"  # ... a repeated one kept once
-    assert any("fewer than 2 training images" in line for line in logs) is False  # every value has plenty
+    assert not any("fewer than 2 training images" in line for line in logs)  # every value has plenty
+    # a wide column that is blank in every row is no attribute
+    with open(shop / "wide.csv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f))
+    write_csv(tmp_path / "w.csv", rows[0] + ["pattern"], [r + [""] for r in rows[1:]])
+    s = data.import_catalogue(str(tmp_path / "w.csv"), str(tmp_path / "w"), image_root=str(shop), log=logs.append)
+    assert s["attributes"] == ["colour", "length"] and "attributes without a single label (left out): pattern" in logs
 
 
 def test_cli_exits_with_one_line_when_nothing_usable(shop, tmp_path):
