@@ -366,8 +366,8 @@ def query(index, embedding, attrs, weights=None, topk=10, exclude=(), device=Non
     rounding, so the dot products are the cosines. Ties: the lower gallery index first.
     Returns [{rank, index, path, score, cosines {attr: cos}, values {attr: value name or None}}].
 
-    Two passes, because converting float16 to float32 is what costs on a CPU (a million 128-d vectors: seconds),
-    not the product: (1) every item's score from float16 products (float32 sums, a float16 result: within
+    Two passes, because converting float16 to float32 is what costs on a CPU (a million 128-d vectors: about ten
+    times the float16 product's time), not the product: (1) every item's score from float16 products (float32 sums, a float16 result: within
     2^-11 x |cos| <= 2^-10 of the float32 cosine, per attribute); (2) the items within twice that bound of the
     k-th best are scored again in float32. Every item of the exact top k is among them, so the result is the
     float32 ranking, at the first pass's speed."""
