@@ -1,22 +1,35 @@
 """
-Speed and memory of the CCA model's fast paths, measured side by side in one run.
+Speed and memory of the CCA model's fast paths and of the image loader, measured side by side in one run.
 
     python bench.py                       # GPU if there is one (bf16 autocast), else CPU with the tiny model
-    python bench.py --arch tiny --img-size 64 --batch-size 32
+    python bench.py --arch tiny --img-size 32 --triplets 32 --skip-loader     # the demo's training step
+    python bench.py --skip-model          # only the loader (section 4)
 
 Prints, for the same weights and inputs:
+  FLOPs per training image, counted by torch's FlopCounterMode (forward and backward), of the paper's model at
+     224 px and of the model measured;
   1. all K conditions of a batch: `embed_all` (trunk once) vs one full forward per condition;
   2. block L: the single-query cross-attention vs the paper's eq. 4 form (q_c repeated to 1+N rows);
-  3. train.py's training step on triplets, fp32 vs bf16 autocast (CUDA; TF32 matmuls on in both, as in
-     train.py), with images per second and peak memory; then train.py's fused Adam vs PyTorch's default.
+  3. train.py's training step at 64 and at 8 triplets (8: the paper's 64 shared by 8 GPUs): images per second,
+     MFU and peak memory, eager and torch.compile'd, compiled with channels-last images, bf16 autocast and fp32
+     (CUDA; TF32 matmuls on in both, as in train.py); then train.py's fused Adam vs PyTorch's default;
+  4. the loader, per worker process (one thread): training images per second from JPEG decoding (512 x 512 JPEGs,
+     FashionAI's size, to 224 px) against cutting whole batches out of prepared arrays (data.py prepare).
 """
 
 import argparse
+import os
+import tempfile
 import time
 
+import numpy as np
 import torch
-from cca import CCA, CCAConfig
-from train import train_step
+from torch.utils.flop_counter import FlopCounterMode
+
+from cca import CCA, CCAConfig, build_model
+from data import (SYNTH_ATTRIBUTES, TripletBatches, TripletDataset, draw_garment, make_synthetic, prepare_images,
+                  read_filenames)
+from train import gpu_peak, train_step, training_flops
 
 
 def timeit(fn, device, warmup=3, iters=10):
@@ -32,27 +45,47 @@ def timeit(fn, device, warmup=3, iters=10):
     return (time.perf_counter() - t0) / iters
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default=None, help="model size (default: vit_r50_b16 on a GPU, tiny on the CPU)")
-    parser.add_argument("--img-size", type=int, default=None, help="image size (default: 224, or 64 for tiny)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 64 on a GPU, 16 on the CPU)")
-    parser.add_argument("--num-conditions", type=int, default=8, help="K, the number of conditions")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def forward_flops(cfg):
+    """FLOPs of one image's forward pass, counted as training_flops counts them (meta device)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+        x, c = torch.zeros(1, 3, cfg.img_size, cfg.img_size), torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, c)
+    return counter.get_total_flops()
+
+
+def bench_model(args, device):
     gpu = device.type == "cuda"
     arch = args.arch or ("vit_r50_b16" if gpu else "tiny")
     img = args.img_size or (224 if arch == "vit_r50_b16" else 64)
     B = args.batch_size or (64 if gpu else 16)
     K = args.num_conditions
+    triplets = args.triplets or ([64, 8] if gpu else [8])
     torch.manual_seed(0)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = CCA(CCAConfig(arch=arch, num_conditions=K, img_size=img)).to(device)
-    name = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"device {name}, torch {torch.__version__}, arch {arch}, img {img}, batch {B}, K {K}")
+    cfg = CCAConfig(arch=arch, num_conditions=K, img_size=img)
+    model = CCA(cfg).to(device)
+    peak = gpu_peak(device) if gpu else None
+    print(f"arch {arch}, img {img}, batch {B}, K {K}")
+    if not gpu:
+        print("no GPU: sections 1 to 3 time this model in fp32; the paper's model at 224 px, bf16, torch.compile, "
+              "channels-last, MFU and peak memory are CUDA rows, skipped here")
+
+    paper, plain = CCAConfig(num_conditions=K, img_size=224), CCAConfig(num_conditions=K, img_size=224, method="triplet")
+    flops = training_flops(cfg)
+    print("\nFLOPs per image (FlopCounterMode: matmuls, convolutions, attention; counted on the meta device)")
+    print(f"   the paper's model at 224 px: training step {training_flops(paper) / 1e9:.1f} GFLOPs "
+          f"(forward {forward_flops(paper) / 1e9:.1f})")
+    print(f"   the plain hybrid (every block self-attention) at 224 px: training step {training_flops(plain) / 1e9:.1f} "
+          f"GFLOPs (forward {forward_flops(plain) / 1e9:.1f})")
+    print(f"   {arch} at {img} px: training step {flops / 1e9:.3g} GFLOPs (forward {forward_flops(cfg) / 1e9:.3g})")
+    print(f"   MFU against {peak[0]}" if peak else f"   no MFU: {torch.cuda.get_device_name(device)} is not in train.GPU_PEAKS"
+          if gpu else "   no MFU on the CPU (no peak to compare with)")
+
     x = torch.randn(B, 3, img, img, device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
 
@@ -80,26 +113,110 @@ def main():
     # 3. training step on triplets
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as train.py
-    c = torch.randint(0, K, (B // 3,), device=device)
-    xs = torch.randn(3 * (B // 3), 3, img, img, device=device)
-
-    a, p, n = xs.chunk(3)
-
-    print(f"\n3. training step, {B // 3} triplets ({3 * (B // 3)} images), fused Adam")
-    modes = [("fp32 (tf32 mm)", False), ("bf16 autocast", True)] if gpu else [("fp32", False)]
-    times = {}
-    for label, ac in modes:
+    for T in triplets:
+        c = torch.randint(0, K, (T,), device=device)
+        a, p, n = torch.randn(3, T, 3, img, img, device=device)
+        cl = [t.contiguous(memory_format=torch.channels_last) for t in (a, p, n)]
+        print(f"\n3. training step, {T} triplets ({3 * T} images), fused Adam" + (", bf16 autocast unless fp32" if gpu else ", fp32"))
         if gpu:
-            torch.cuda.reset_peak_memory_stats()
-        times[label] = timeit(lambda: train_step(model, opt, a, p, n, c, 0.2, ac), device, iters=args.iters)
-        mem = f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""
-        print(f"   {label:14s} {times[label] * 1e3:8.1f} ms  {3 * (B // 3) / times[label]:8.0f} img/s  {mem}")
-    if gpu:
-        print(f"   bf16 speed-up: {times['fp32 (tf32 mm)'] / times['bf16 autocast']:.2f}x")
-    label, ac = modes[-1]
+            compiled = torch.compile(model, dynamic=False)  # static shapes: one graph per batch size
+            modes = [("eager", model, (a, p, n), True), ("compiled", compiled, (a, p, n), True),
+                     ("compiled, channels-last", compiled, cl, True)]
+            modes += [("eager fp32 (tf32 mm)", model, (a, p, n), False)] if T == triplets[0] else []
+        else:
+            modes = [("eager", model, (a, p, n), False)]
+        times = {}
+        for label, m, (xa, xp, xn), ac in modes:
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            t = times[label] = timeit(lambda: train_step(m, opt, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)
+            ips = 3 * T / t
+            mfu = f"  MFU {flops * ips / peak[1]:6.1%}" if peak and ac else ""
+            mem = f"  peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB" if gpu else ""
+            print(f"   {label:26s} {t * 1e3:8.1f} ms  {ips:8.0f} img/s{mfu}{mem}")
+        if gpu:
+            print(f"   compiled / eager: {times['eager'] / times['compiled']:.2f}x; with channels-last "
+                  f"{times['eager'] / times['compiled, channels-last']:.2f}x"
+                  + (f"; bf16 / fp32 (eager): {times['eager fp32 (tf32 mm)'] / times['eager']:.2f}x" if T == triplets[0] else ""))
+        else:
+            print("   compiled: not measured on the CPU (the demo's step gained nothing there after about a minute of "
+                  "compiling: see the README)")
+    label, m, (xa, xp, xn), ac = modes[0]
     plain = torch.optim.Adam(model.parameters(), lr=1e-4)  # PyTorch's default implementation (foreach)
-    t_plain = timeit(lambda: train_step(model, plain, a, p, n, c, 0.2, ac), device, iters=args.iters)
-    print(f"   {label}, default Adam:  {t_plain * 1e3:6.1f} ms; fused Adam (train.py) is {t_plain / times[label]:.2f}x as fast")
+    t_plain = timeit(lambda: train_step(m, plain, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)
+    print(f"   {label}, {T} triplets, default Adam: {t_plain * 1e3:6.1f} ms; "
+          f"fused Adam (train.py) is {t_plain / times[label]:.2f}x as fast")
+
+
+def rate(fn, images_per_call, min_time):
+    """Images per second of fn(i), called with i = 0, 1, ... for at least min_time seconds after one warm-up call."""
+    fn(0)
+    calls, t0 = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - t0 < min_time:
+        fn(calls)
+        calls += 1
+    return images_per_call * calls / (time.perf_counter() - t0)
+
+
+def bench_loader(args):
+    S, n, T = args.loader_size, args.loader_images, 64
+    print(f"\n4. the loader, per worker process (one thread): {n} JPEGs of 512 x 512 to {S} px, {T} triplets a batch")
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "synthetic")
+        make_synthetic(root, num_train=n, num_query=4, num_candidate=8, size=64, workers=1)
+        # FashionAI's images are 512 x 512 JPEGs: the training images drawn again at that size
+        rng = np.random.default_rng(0)
+        names = read_filenames(os.path.join(root, "filenames_train.txt"))
+        for name in names:
+            values = [int(rng.integers(len(v))) for v in SYNTH_ATTRIBUTES.values()]
+            draw_garment(values, rng, size=512, zoom=1).save(os.path.join(root, name), quality=90)
+        kb = sum(os.path.getsize(os.path.join(root, name)) for name in names) / n / 1024
+        t0 = time.perf_counter()
+        prepare_images("synthetic", root, S, workers=args.prepare_workers, splits=("train",))
+        t_prepare = time.perf_counter() - t0
+        jpeg = TripletDataset("synthetic", root, S, 8 * T, prepared=False)
+        prepared = TripletDataset("synthetic", root, S, 8 * T)
+        batches = TripletBatches(prepared, T)
+        rows = lambda i: np.arange(i % 8 * T, (i % 8 + 1) * T)  # noqa: E731
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        try:
+            # today's JPEG path: a worker decodes, resizes, crops and normalises each image of each triplet
+            r_jpeg = rate(lambda i: jpeg[i % len(jpeg)], 3, args.loader_seconds)
+            # the prepared path: a worker cuts a whole batch of uint8 images out of the mapping and flips them
+            r_raw = rate(lambda i: batches[i % len(batches)], 3 * T, args.loader_seconds)
+            r_float = rate(lambda i: prepared.batch(rows(i)), 3 * T, args.loader_seconds)
+        finally:
+            torch.set_num_threads(threads)
+    print(f"   JPEGs of {kb:.0f} KB on average; prepare: {n / t_prepare:.0f} img/s with {args.prepare_workers} processes")
+    print(f"   JPEG decoding (__getitem__, float32):           {r_jpeg:9.0f} img/s")
+    print(f"   prepared arrays, uint8 batches (train.py's path): {r_raw:9.0f} img/s  {r_raw / r_jpeg:6.1f}x")
+    print(f"   prepared arrays, normalised to float32 here:      {r_float:9.0f} img/s  {r_float / r_jpeg:6.1f}x")
+    print("   (the array was just written, so it is in the page cache, as it is after the first epoch)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default=None, help="model size (default: vit_r50_b16 on a GPU, tiny on the CPU)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: 224, or 64 for tiny)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch in 1. and 2. (default: 64 on a GPU, 16 on the CPU)")
+    parser.add_argument("--triplets", type=int, nargs="+", default=None, help="triplets per training step in 3. (default: 64 8 on a GPU, 8 on the CPU)")
+    parser.add_argument("--num-conditions", type=int, default=8, help="K, the number of conditions")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
+    parser.add_argument("--skip-model", action="store_true", help="leave out sections 1 to 3")
+    parser.add_argument("--skip-loader", action="store_true", help="leave out section 4")
+    parser.add_argument("--loader-size", type=int, default=224, help="image size of section 4")
+    parser.add_argument("--loader-images", type=int, default=64, help="JPEGs drawn for section 4")
+    parser.add_argument("--loader-seconds", type=float, default=3.0, help="seconds per loader measurement")
+    parser.add_argument("--prepare-workers", type=int, default=2, help="processes of data.py prepare in section 4")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    if not args.skip_model:
+        bench_model(args, device)
+    if not args.skip_loader:
+        bench_loader(args)
 
 
 if __name__ == "__main__":

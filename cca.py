@@ -64,8 +64,9 @@ class CCAConfig:
             raise ValueError(f"condition_type must be 1 or 2, got {self.condition_type}")
         if self.num_conditions < 1:
             raise ValueError(f"num_conditions must be positive, got {self.num_conditions}")
-        if self.img_size % self.stride != 0:
-            raise ValueError(f"img_size {self.img_size} must be a multiple of the output stride {self.stride}")
+        if self.img_size < self.stride or self.img_size % self.stride != 0:
+            raise ValueError(f"img_size must be a positive multiple of {self.stride}, the output stride of arch {self.arch!r}, "
+                             f"got {self.img_size}")
 
     @property
     def sizes(self):
@@ -534,15 +535,19 @@ def read_safetensors(path):
 
 def google_to_timm(npz, cfg, path):
     """Map Google's R50+ViT-B_16.npz keys to timm's names, with the layout changes of SPEC section 2.
+    Returns (state dict, ignored keys). A file saved with its optimizer state keeps the weights under opt/target/;
+    its other keys (opt/state/...) are not weights: ignored, and returned so that the loader can say so. The
+    classifier heads come back under timm's names (head., pre_logits.) for the loader to drop and report.
 
     Every expected key must be present; unknown keys other than the classifier heads are an error.
     """
     prefix = "opt/target/" if any(k.startswith("opt/target/") for k in npz) else ""
-    used, sd = set(), {}
+    ignored = sorted(k for k in npz if not k.startswith(prefix))
+    used, sd = set(ignored), {}
 
     def take(key):
         if prefix + key not in npz:
-            raise KeyError(f"{path}: missing key {prefix + key!r} of Google's R50+ViT-B/16 layout")
+            raise ValueError(f"{path}: missing key {prefix + key!r} of Google's R50+ViT-B/16 layout")
         used.add(prefix + key)
         return torch.from_numpy(np.asarray(npz[prefix + key], dtype=np.float32))
 
@@ -588,38 +593,57 @@ def google_to_timm(npz, cfg, path):
             sd[dst + f"mlp.fc{j + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{j}/bias")
     sd["norm.weight"] = vec("Transformer/encoder_norm/scale")
     sd["norm.bias"] = vec("Transformer/encoder_norm/bias")
-    unknown = [k for k in npz if k not in used and not k[len(prefix):].startswith(("head/", "pre_logits/"))]
+    for key in [k[len(prefix):] for k in npz if k not in used and k[len(prefix):].startswith(("head/", "pre_logits/"))]:
+        t = take(key)  # the classifiers: head/kernel (D, classes) is timm's head.weight transposed
+        name = {"head/kernel": "head.weight", "head/bias": "head.bias", "pre_logits/kernel": "pre_logits.fc.weight",
+                "pre_logits/bias": "pre_logits.fc.bias"}.get(key, key.replace("/", "."))
+        sd[name] = t.t() if key.endswith("/kernel") and t.dim() == 2 else t
+    unknown = [k for k in npz if k not in used]
     if unknown:
-        raise KeyError(f"{path}: {len(unknown)} keys not in Google's R50+ViT-B/16 layout for arch {cfg.arch!r}, e.g. {unknown[:3]}")
-    return sd
+        raise ValueError(f"{path}: {len(unknown)} keys not in Google's R50+ViT-B/16 layout for arch {cfg.arch!r}, e.g. {unknown[:3]}")
+    return sd, ignored
+
+
+def torch_load(path):
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
+    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
+    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
+                         f"or not a checkpoint") from None
 
 
 def read_weights(path, cfg):
-    """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped)."""
+    """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped) and the list of the
+    file's keys that hold no weights (an npz's optimizer state)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return read_safetensors(path), []
     if magic == b"PK\x03\x04" and path.endswith(".npz"):
         try:
             with np.load(path) as npz:
-                return google_to_timm({k: npz[k] for k in npz.files}, cfg, path)
+                arrays = {k: npz[k] for k in npz.files}
         except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
             raise ValueError(f"{path}: cannot read as an .npz archive (truncated or corrupt?): {e}") from e
+        return google_to_timm(arrays, cfg, path)
     if magic == b"PK\x03\x04" or path.endswith((".pth", ".pt", ".bin")):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}") from e
+        obj = torch_load(path)
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]  # converted by this project (cca.py convert)
         elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
             obj = obj["model"]  # a training checkpoint of this project
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ValueError(f"{path}: expected a state dict of tensors")
-        return obj
+        return obj, []
     raise ValueError(f"{path}: unknown weight format (expected Google's .npz, timm's .safetensors/.bin/.pth, or a .pt from 'cca.py convert')")
 
 
@@ -637,7 +661,7 @@ def resize_pos_embed(pos, grid):
 def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
     """Load R50+ViT-B/16 weights into the stem and blocks 1..L; block L's weights also initialise the
     cross-attention block (it has the same parameters). Returns a report dict of key lists."""
-    sd = read_weights(path, model.cfg)
+    sd, ignored = read_weights(path, model.cfg)
     dropped = sorted(k for k in sd if k.startswith(("head.", "pre_logits.", "fc_norm.", "condition.")))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     own = model.state_dict()
@@ -645,7 +669,7 @@ def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
-        raise KeyError(f"{path}: does not fit arch {model.cfg.arch!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+        raise ValueError(f"{path}: does not fit arch {model.cfg.arch!r}: {len(missing)} missing keys (e.g. {missing[:3]}), "
                        f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
     resized = []
     if sd["pos_embed"].shape != own["pos_embed"].shape and sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
@@ -656,11 +680,12 @@ def load_pretrained(model: HybridViT, path: str, verbose: bool = True) -> dict:
             raise ValueError(f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the model expects {tuple(own[k].shape)}")
     new = [k for k in own if k not in expected]
     model.load_state_dict({**{k: own[k] for k in new}, **{k: sd[k] for k in expected}}, strict=True)
-    report = dict(loaded=expected, new=new, dropped=dropped, resized=resized)
+    report = dict(loaded=expected, new=new, dropped=dropped, resized=resized, ignored=ignored)
     if verbose:
         n_new = sum(own[k].numel() for k in new)
         print(f"loaded {len(expected)} tensors from {path}; resized {resized or 'nothing'}; "
-              f"dropped {dropped or 'nothing'}; newly initialised: {new} ({n_new:,} parameters)")
+              f"dropped {dropped or 'nothing'}; newly initialised: {new} ({n_new:,} parameters)"
+              + (f"; ignored {len(ignored)} keys outside opt/target/, not weights (e.g. {ignored[:3]})" if ignored else ""))
     return report
 
 
@@ -694,7 +719,10 @@ if __name__ == "__main__":
     p.add_argument("--img-size", type=int, default=224, help="image size")
     args = parser.parse_args()
     if args.cmd == "convert":
-        convert(args.src, args.dst, args.img_size, args.arch)
+        try:
+            convert(args.src, args.dst, args.img_size, args.arch)
+        except (OSError, ValueError) as e:  # a missing, truncated or unfitting weight file; a bad --img-size
+            raise SystemExit(f"error: {e}")
     else:
         for t in (1, 2):
             m = CCA(CCAConfig(arch=args.arch, num_conditions=args.num_conditions, condition_type=t, img_size=args.img_size))

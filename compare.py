@@ -22,7 +22,7 @@ import torch
 
 import evaluate
 import train
-from data import DATASETS, EvalItems, chance_map, prepare_dataset
+from data import DATASETS, EVAL_MISSING, EvalItems, chance_map, error_message, prepare_dataset
 from evaluate import evaluate_split, load_checkpoint, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -36,12 +36,13 @@ METHODS = {
 PAPER_RANDOM = 15.79
 
 
-def random_row(root, meta, split, dim, seed):
+def random_row(root, meta, split, dim, seed, missing="error"):
     """mAP of random unit embeddings: the 'random' row of the paper's tables."""
     g = torch.Generator().manual_seed(seed)
-    q, c = (EvalItems(meta["name"], root, split, role, 32) for role in ("query", "candidate"))
-    return mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
-                                  torch.randn(len(c), dim, generator=g), c.attrs, c.values)
+    q, c = (EvalItems(meta["name"], root, split, role, 32, missing) for role in ("query", "candidate"))
+    result = mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
+                                    torch.randn(len(c), dim, generator=g), c.attrs, c.values)
+    return evaluate.mark_incomplete(result, {"query": (q.left_out, q.listed), "candidate": (c.left_out, c.listed)})
 
 
 def table(rows, meta):
@@ -52,7 +53,8 @@ def table(rows, meta):
     for label, r, paper in rows:
         cells = [f"{100 * r['per_attribute'].get(a, float('nan')):.2f}" for a in range(len(names))]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * r['total']:.2f}** | {100 * r['mean_over_attributes']:.2f} | {paper:.2f} |")
-    return "\n".join(lines)
+    notes = sorted({r["incomplete"] for _, r, _ in rows if "incomplete" in r})
+    return "\n".join(lines + [f"\nIncomplete split: {n}." for n in notes])
 
 
 def main(argv=None):
@@ -64,12 +66,16 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=("valid", "test"), help="the split scored")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every method")
     p.add_argument("--out-dir", default=os.path.join("runs", "compare"), help="where the runs and the table go")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
+                        "table then marked not comparable with published numbers")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
     args = p.parse_args(argv)
     root, meta = prepare_dataset(args.data, args.data_root)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common = ["--data", args.data, "--data-root", root, "--seed", str(args.seed)] + (["--epochs", str(args.epochs)] if args.epochs else [])
+    common = ["--data", args.data, "--data-root", root, "--seed", str(args.seed), "--eval-missing", args.eval_missing] + (
+        ["--epochs", str(args.epochs)] if args.epochs else [])
     if args.device:
         common += ["--device", args.device]
     rows, results, times = [], {}, {}
@@ -85,14 +91,14 @@ def main(argv=None):
             train.main(common + flags + ["--out-dir", out] + args.train_args)
             times[name] = time.time() - t0
         model, ckpt = load_checkpoint(ckpt_path, device)
-        r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device)
+        r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
         results[name] = dict(label=label, paper_fashionai_total=paper, epochs=ckpt["args"]["epochs"], train_seconds=times.get(name), **r)
         rows.append((label, r, paper))
         print(f"{label}: {args.split} total mAP {100 * r['total']:.2f}")
-    rnd = random_row(root, meta, args.split, 1024, args.seed)
+    rnd = random_row(root, meta, args.split, 1024, args.seed, args.eval_missing)
     rows.insert(0, ("random embedding", rnd, PAPER_RANDOM))
     results["random"] = dict(label="random embedding", paper_fashionai_total=PAPER_RANDOM, **rnd)
-    chance = chance_map(args.data, root, args.split)
+    chance = chance_map(args.data, root, args.split, args.eval_missing)
     text = table(rows, meta) + f"\n\nChance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}."
     print("\n" + text)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -103,9 +109,13 @@ def main(argv=None):
     if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
         ckpt = lambda name: os.path.join(args.out_dir, name, "best.pt")  # noqa: E731
         evaluate.main(["--ckpt", ckpt("cca2"), "--compare", ckpt("triplet"), "--embeddings", "--no-score", "--split", args.split,
-                       "--data-root", root, "--out", args.out_dir] + (["--device", args.device] if args.device else []))
+                       "--data-root", root, "--out", args.out_dir, "--eval-missing", args.eval_missing]
+                      + (["--device", args.device] if args.device else []))
     print(f"wrote {args.out_dir}/table.md, results.json")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # a missing dataset or image, an unreadable checkpoint: one line
+        raise SystemExit(f"error: {error_message(e)}")

@@ -5,6 +5,7 @@ the query/candidate items for evaluation, and a built-in synthetic dataset that 
     python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
     python data.py check --data synthetic                      # counts, chance mAP, missing images
     python data.py check --data fashionai --data-root data/fashionai
+    python data.py prepare --data fashionai --img-size 224     # decode every image once, into prepared/ arrays
     python data.py import catalogue.csv --out data/shop         # your own labels -> the ASEN format (--data custom)
 
 Formats (SPEC sections 3 and 4):
@@ -20,6 +21,7 @@ Formats (SPEC sections 3 and 4):
 import argparse
 import colorsys
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
@@ -66,6 +68,16 @@ FASHIONAI_VALUE_NAMES = {
                         "OneShoulder Neckline"],
     "neck_design": ["Invisible", "Turtle Neck", "Ruffle Semi-High Collar", "Low Turtle Neck", "Draped Collar"],
 }
+
+# The attribute names of ASEN's meta.json per dataset: a folder's own meta.json tells which dataset it holds.
+ASEN_ATTRIBUTES = {
+    "fashionai": list(FASHIONAI_VALUE_NAMES),
+    "darn": ["clothes category", "clothes button", "clothes color", "clothes length", "clothes pattern",
+             "clothes shape", "collar shape", "sleeve length", "sleeve shape"],
+    "deepfashion": ["texture-related", "fabric-related", "shape-related", "part-related", "style-related"],
+}
+TITLES = {"synthetic": "the synthetic set", "fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion",
+          "zappos": "UT Zappos50K", "custom": "an imported catalogue"}
 
 # -----------------------------------------------------------------------------
 # meta: attribute names and value names, a plain dict (it is saved inside checkpoints)
@@ -114,11 +126,58 @@ def required_files(name, root):
     return [os.path.join(root, f) for f in ASEN_FILES]
 
 
+def identify(root):
+    """What a folder holds, judged from its own files: ["synthetic"] for a set drawn by this file (its meta.json has
+    SYNTHETIC_VERSION, or, before version 2, the synthetic attributes' value names), ["zappos"] for CSN's files, the
+    ASEN datasets its meta.json fits (ASEN's combined file fits all three, unless the folder's name says which), or []
+    for none of these."""
+    if os.path.isfile(os.path.join(root, "filenames.json")) and os.path.isdir(os.path.join(root, "tripletlists")):
+        return ["zappos"]
+    try:
+        with open(os.path.join(root, "meta.json"), encoding="utf-8-sig") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    if "SYNTHETIC_VERSION" in raw or raw.get("ATTRIBUTES_VALUES") == SYNTH_ATTRIBUTES:
+        return ["synthetic"]
+    if "IMPORTED_FROM" in raw:  # written by data.py import
+        return ["custom"]
+    if isinstance(raw.get("ATTRIBUTES"), list):  # one dataset's meta: its attribute names tell which, if known
+        found = [n for n, attrs in ASEN_ATTRIBUTES.items() if set(attrs) == {str(a) for a in raw["ATTRIBUTES"]}]
+        return found or list(ASEN_SECTIONS)
+    found = [n for n, section in ASEN_SECTIONS.items() if section in raw]
+    named = [n for n in found if n in os.path.basename(os.path.normpath(root)).lower()]
+    return named or found
+
+
+def looks_like(root, found):
+    """'ROOT looks like DARN (ASEN's split files)', for an error message."""
+    form = {"zappos": "CSN's triplet lists", "synthetic": "drawn by data.py", "custom": "written by data.py import"}.get(
+        found[0] if len(found) == 1 else None, "ASEN's split files")
+    return f"{root} looks like {' or '.join(TITLES[n] for n in found)} ({form})"
+
+
+def check_folder(name, root):
+    """Refuse a folder whose own files show that it holds another dataset than --data says, before anything is
+    read or written there: above all a real dataset under --data synthetic (the default), which would otherwise be
+    taken for a synthetic set to redraw."""
+    found = identify(root)
+    if name == "synthetic" and found and found != ["synthetic"]:
+        raise ValueError(f"{looks_like(root, found)}, not the synthetic set: add " + " or ".join(f"--data {n}" for n in found))
+    if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
+        raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
+                         f"give --data the dataset it belongs to, or another --data-root")
+    return found
+
+
 def prepare_dataset(name, root=None):
     """Resolve root (default data/NAME); create the synthetic set when missing; else fail naming what is missing."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
     root = root or os.path.join("data", name)
+    found = check_folder(name, root)
     if name == "synthetic" and not os.path.exists(os.path.join(root, "meta.json")):
         # meta.json is written last, so its absence means "missing or unfinished". Build in a private folder and
         # rename it into place: several processes (torchrun) may race here, and a rename is all-or-nothing.
@@ -135,6 +194,8 @@ def prepare_dataset(name, root=None):
     for path in required_files(name, root):
         if not os.path.isfile(path):
             hint = "" if name == "synthetic" else "; " + HINTS.get(name, HINTS["asen"])
+            if found and name not in found:
+                hint = f"; {looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found)
             raise FileNotFoundError(f"{name}: missing {path}{hint}")
     if name == "synthetic":
         with open(os.path.join(root, "meta.json"), encoding="utf-8") as f:
@@ -270,6 +331,17 @@ def load_image(path, img_size, flip=False):
     """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
     return normalise(read_image(path, img_size), flip)
 
+
+def error_message(e):
+    """An error's message for the one `error: ...` line of a command. An exception raised in a DataLoader worker
+    comes back re-raised by torch as "Caught OSError in DataLoader worker process 0." and the worker's traceback,
+    whose last line holds the original message (the one that names the file): that message, without its type."""
+    lines = str(e).strip().splitlines()
+    if lines and lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
+
+
 def missing_images(paths):
     """The paths that are not files (DARN's images are partly gone from the web)."""
     return [p for p in paths if not os.path.isfile(p)]
@@ -286,9 +358,11 @@ class TripletDataset(torch.utils.data.Dataset):
     """(anchor, positive, negative, condition). ASEN data: a fresh draw of num_triplets each epoch (SPEC 3);
     zappos: CSN's fixed list, reshuffled each epoch. Under torchrun each rank keeps every world_size-th triplet.
     cache=True decodes every training image once, up front, into memory (uint8, 3 * S * S bytes each: 18 MB for
-    the synthetic set at 32 px, 15 GB for 100,000 images at 224 px); a step then costs no decoding at all."""
+    the synthetic set at 32 px, 15 GB for 100,000 images at 224 px); a step then costs no decoding at all.
+    Prepared arrays at img_size (`data.py prepare`), when there are, are used instead of both (prepared=False: not)."""
 
-    def __init__(self, name, root, img_size, num_triplets, seed=0, rank=0, world_size=1, flip=True, cache=False):
+    def __init__(self, name, root, img_size, num_triplets, seed=0, rank=0, world_size=1, flip=True, cache=False,
+                 prepared=True):
         self.meta = load_meta(name, root)
         self.img_size, self.num_triplets, self.flip = img_size, num_triplets, flip
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -305,8 +379,12 @@ class TripletDataset(torch.utils.data.Dataset):
             gone = self._missing(np.unique(labels[:, 0]))
             self._index(labels[~np.isin(labels[:, 0], gone)])  # missing images never enter a triplet
         self.images = None
-        if cache:
-            self._cache(np.unique(self.fixed[:, :3]) if self.meta["format"] == "zappos" else np.unique(self.members))
+        used = np.unique(self.fixed[:, :3]) if self.meta["format"] == "zappos" else np.unique(self.members)
+        self.prepared = open_prepared(name, root, "train", img_size) if prepared else None
+        if self.prepared is not None:  # memory-mapped: nothing to decode, nothing held per process
+            self.prepared.check(used, [self.paths[f] for f in used])
+        elif cache:
+            self._cache(used)
         self.set_epoch(0)  # usable without set_epoch
 
     def _cache(self, fids):
@@ -369,7 +447,22 @@ class TripletDataset(torch.utils.data.Dataset):
             self.rank_in_nonempty[g] = np.arange(len(g))
 
     def _draw(self, rng, n):
-        """n triplets (anchor, positive, negative, attribute) by the rule of SPEC 3, each step one array op."""
+        """Exactly n triplets (anchor, positive, negative, attribute): _draw_some's, topped up by fresh draws for the
+        triplets it left out, so that an epoch holds the number of triplets asked for."""
+        parts, have, barren = [], 0, 0
+        while have < n:
+            t = self._draw_some(rng, n - have)
+            parts.append(t)
+            have += len(t)
+            barren = 0 if len(t) else barren + 1
+            if barren == 100:  # no label set of a real dataset comes near: every negative shares the first value
+                raise ValueError("label_train.txt: the negatives drawn keep sharing the anchor's value (an image labelled "
+                                 "with every value of an attribute?): no triplet can be completed")
+        return np.concatenate(parts)
+
+    def _draw_some(self, rng, n):
+        """Up to n triplets by ASEN's rule, each step one array op; those whose negative still has the first value
+        after 10 redraws are left out."""
         k = rng.integers(len(self.eligible), size=n)  # attribute uniform over the attributes that can give one
         v1 = self.pos[k, rng.integers(0, self.npos[k])]  # first value uniform among those with >= 2 images
         ia = rng.integers(0, self.count[v1])
@@ -411,61 +504,135 @@ class TripletDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.triplets)
 
-    def batch(self, rows, flips=None):
-        """Triplets `rows` (an index array) as stacked (B, 3, S, S) anchors, positives, negatives and (B,) conditions,
-        straight from the in-memory cache in a few tensor ops: the training loop's path when cache=True.
+    def _gather(self, fids):
+        """uint8 (len(fids), 3, S, S) from the prepared array or the in-memory cache."""
+        if self.prepared is not None:
+            return self.prepared.take(fids)
+        return self.images[torch.from_numpy(self.slot[fids])]
+
+    def raw_batch(self, rows, flips=None):
+        """Triplets `rows` (an index array) as uint8 (B, 3, S, S) anchors, positives, negatives and (B,) conditions,
+        straight from the prepared arrays or the in-memory cache in a few tensor ops: the training loop's path for
+        both. uint8 is a quarter of float32's bytes to move; train.py normalises on the device.
         flips (B, 3) bool, default random (torch's generator) when flip=True."""
-        if self.images is None:
-            raise RuntimeError("TripletDataset.batch needs cache=True")
+        if self.images is None and self.prepared is None:
+            raise RuntimeError("TripletDataset.batch needs cache=True or prepared arrays")
         t = self.triplets[rows]  # (B, 4)
         if flips is None:
             flips = torch.rand(len(t), 3) < 0.5 if self.flip else torch.zeros(len(t), 3, dtype=torch.bool)
-        x = self.images[torch.from_numpy(self.slot[t[:, :3]])]  # (B, 3, 3, S, S) uint8
-        x = normalise(torch.where(flips[:, :, None, None, None], x.flip(-1), x))
-        return x[:, 0], x[:, 1], x[:, 2], torch.from_numpy(t[:, 3].copy())
+        x = [self._gather(t[:, j]) for j in range(3)]  # 3 x (B, 3, S, S) uint8, fresh copies
+        for k, j in flips.nonzero().tolist():  # mirrored in place, one image at a time: several times faster at
+            x[j][k] = x[j][k].flip(-1)         # 224 px than a where() over the batch, which flips every image
+        return x[0], x[1], x[2], torch.from_numpy(t[:, 3].copy())
+
+    def batch(self, rows, flips=None):
+        """raw_batch, normalised: float32 in [-1, 1]."""
+        a, p, n, c = self.raw_batch(rows, flips)
+        return normalise(a), normalise(p), normalise(n), c
 
     def __getitem__(self, i):
         a, p, n, c = self.triplets[i].tolist()
         flips = (torch.rand(3) < 0.5).tolist() if self.flip else [False] * 3  # DataLoader seeds torch per worker
-        raw = (self.images[self.slot[j]] if self.images is not None else read_image(self.paths[j], self.img_size)
-               for j in (a, p, n))
+        stored = self.images is not None or self.prepared is not None
+        raw = (self._gather(np.array([j]))[0] if stored else read_image(self.paths[j], self.img_size) for j in (a, p, n))
         images = [normalise(x, f) for x, f in zip(raw, flips)]
         return images[0], images[1], images[2], c
+
+class TripletBatches(torch.utils.data.Dataset):
+    """An epoch of a TripletDataset with stored images (prepared or cached) as whole batches: item i is raw_batch of
+    triplets i*B .. (i+1)*B-1, so that DataLoader(batch_size=None) workers build uint8 batches with fresh flips."""
+
+    def __init__(self, triplets, batch_size):
+        self.triplets, self.batch_size = triplets, batch_size
+
+    def __len__(self):
+        return len(self.triplets) // self.batch_size
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.triplets.raw_batch(np.arange(i * self.batch_size, (i + 1) * self.batch_size))
 
 # -----------------------------------------------------------------------------
 # evaluation sets
 
-class EvalItems(torch.utils.data.Dataset):
-    """The query or candidate items of an ASEN split: (image, attribute, value, index)."""
+# What evaluation does with a listed image that is not there (--eval-missing): "error" refuses the split, because an
+# item left out changes the metric; "drop" scores without it, and the result says it is not comparable with published
+# numbers (DARN's images are partly gone from the web: it can only be scored so).
+EVAL_MISSING = ("error", "drop")
+DROP_HINT = "; --eval-missing drop scores without them (not comparable with published numbers)"
 
-    def __init__(self, name, root, split, role, img_size):
+
+def check_eval_images(name, root, missing="error", splits=("valid", "test")):
+    """Look for every image of the evaluation splits, as train.py does before its first step (a missing one would
+    otherwise stop a run at its first validation, an epoch in). Raises under missing="error"; returns what "drop"
+    leaves out: {split: {"query"/"candidate" (zappos: "triplets"): (left out, listed)}}."""
+    out = {}
+    for split in splits:
+        if name == "zappos":
+            z = ZapposEvalSet(root, split, 0, missing=missing, prepared=False)
+            out[split] = {"triplets": (z.left_out, z.listed)}
+        else:
+            out[split] = {}
+            for role in ("query", "candidate"):
+                items = EvalItems(name, root, split, role, 0, missing, prepared=False)
+                out[split][role] = (items.left_out, items.listed)
+    return out
+
+
+class EvalItems(torch.utils.data.Dataset):
+    """The query or candidate items of an ASEN split: (image, attribute, value, index). missing (EVAL_MISSING):
+    "drop" leaves out the items whose image is missing; self.left_out of self.listed were.
+    Prepared arrays at img_size (`data.py prepare`) are read when there are (prepared=False: not)."""
+
+    def __init__(self, name, root, split, role, img_size, missing="error", prepared=True):
         self.img_size = img_size
         self.paths, rows = read_items(name, root, split, role)
-        missing = missing_images(self.paths)  # a query or candidate left out would change the metric: refuse
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(self.paths), f"{split} {role}"))
+        self.listed, gone = len(self.paths), missing_images(self.paths)
+        if gone and (missing != "drop" or len(gone) == self.listed):
+            raise FileNotFoundError(missing_message(gone, self.listed, f"{split} {role}") + (DROP_HINT if missing != "drop" else ""))
+        if gone:
+            gone = set(gone)
+            keep = np.array([p not in gone for p in self.paths])
+            self.paths, rows = [p for p, k in zip(self.paths, keep) if k], rows[keep]
+        self.left_out = self.listed - len(self.paths)
+        self.fids = rows[:, 0].copy()  # rows of the split's prepared array
+        self.prepared = open_prepared(name, root, split, img_size) if prepared else None
+        if self.prepared is not None:  # after the missing check: the images it is given are there now
+            self.prepared.check(self.fids, self.paths)
         self.attrs, self.values = torch.from_numpy(rows[:, 1].copy()), torch.from_numpy(rows[:, 2].copy())
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_image(self.paths[i], self.img_size), int(self.attrs[i]), int(self.values[i]), i
+        image = normalise(self.prepared.take([self.fids[i]])[0]) if self.prepared else load_image(self.paths[i], self.img_size)
+        return image, int(self.attrs[i]), int(self.values[i]), i
 
 
 class ZapposEvalSet(torch.utils.data.Dataset):
     """A zappos val/test list as unique (image, condition) items, each embedded once; triplets index the items."""
 
-    def __init__(self, root, split, img_size, num_triplets=None):
+    def __init__(self, root, split, img_size, num_triplets=None, missing="error", prepared=True):
         self.img_size = img_size
         paths = zappos_paths(root)
         t = read_zappos_triplets(root, split, num_triplets or ZAPPOS_TRIPLETS[split], len(paths))  # (T, 4)
+        fids = np.unique(t[:, :3])
+        gone = missing_images([paths[f] for f in fids])
+        self.listed = len(t)
+        if gone and missing == "drop":  # leave out the triplets that use a missing image
+            gone_set = set(gone)
+            t = t[~np.isin(t[:, :3], [f for f in fids if paths[f] in gone_set]).any(1)]
+        if gone and (missing != "drop" or len(t) == 0):
+            raise FileNotFoundError(missing_message(gone, len(fids), f"zappos {split}") + (DROP_HINT if missing != "drop" else ""))
+        self.left_out = self.listed - len(t)
         pairs = np.stack([t[:, :3].reshape(-1), np.repeat(t[:, 3], 3)], 1)  # (3T, 2): image, condition
         items, inverse = np.unique(pairs, axis=0, return_inverse=True)
         self.paths = [paths[f] for f in items[:, 0]]
-        missing = missing_images(sorted(set(self.paths)))
-        if missing:
-            raise FileNotFoundError(missing_message(missing, len(set(self.paths)), f"zappos {split}"))
+        self.fids = items[:, 0].copy()  # rows of zappos's prepared array
+        self.prepared = open_prepared("zappos", root, split, img_size) if prepared else None
+        if self.prepared is not None:
+            self.prepared.check(self.fids, self.paths)
         self.item_conditions = torch.from_numpy(items[:, 1].copy())
         self.triplets = torch.from_numpy(inverse.reshape(-1, 3))  # (T, 3) item indices: anchor, far, close
         self.conditions = torch.from_numpy(t[:, 3].copy())  # (T,)
@@ -474,7 +641,8 @@ class ZapposEvalSet(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_image(self.paths[i], self.img_size), int(self.item_conditions[i]), i
+        image = normalise(self.prepared.take([self.fids[i]])[0]) if self.prepared else load_image(self.paths[i], self.img_size)
+        return image, int(self.item_conditions[i]), i
 
 
 def chance_ap(queries, candidates):
@@ -491,13 +659,17 @@ def chance_ap(queries, candidates):
     return ap
 
 
-def chance_map(name, root, split):
+def chance_map(name, root, split, missing="error"):
     """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (SPEC 3 quotes
-    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5."""
+    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
+    of the items whose images are there, those --eval-missing drop scores."""
     if name == "zappos":
         return 0.5
-    queries, candidates = read_items(name, root, split, "query")[1], read_items(name, root, split, "candidate")[1]
-    return float(chance_ap(queries, candidates).mean())
+    rows = []
+    for role in ("query", "candidate"):
+        paths, r = read_items(name, root, split, role)
+        rows.append(r[np.array([os.path.isfile(p) for p in paths], dtype=bool)] if missing == "drop" else r)
+    return float(chance_ap(*rows).mean())
 
 # -----------------------------------------------------------------------------
 # the synthetic dataset: garment-like figures with 5 independent attributes
@@ -635,17 +807,211 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
     print(f"synthetic: {len(jobs)} images of {size}x{size} px in {out} ({time.time() - t0:.1f} s)")
 
 # -----------------------------------------------------------------------------
+# prepared images: every image of a split decoded once, by read_image, into a uint8 array on disk (data.py prepare)
+#
+# prepared/{split}_{S}.npy holds (n, 3, S, S) uint8, row i the split's i-th listed image; {split}_{S}.json beside it
+# records how it was made: the transform's version, S, n, a hash of the split's list of image paths, and the rows
+# that hold no image (missing or unreadable when prepared; left zero). A reader maps the array read-only, so every
+# rank and loader worker on a machine shares one copy in the page cache, and refuses one that does not match.
+
+PREPARED_VERSION = 1  # raised whenever read_image's transform changes, so that arrays made by an older one are refused
+
+
+def prepared_split(name, split):
+    """The prepared array that holds a split's images: zappos's splits share one image list (filenames.json)."""
+    return "images" if name == "zappos" else split
+
+
+def prepared_names(name, root):
+    """{prepared split: the image paths it holds, relative to root}, in the order of the split's list."""
+    if name == "zappos":
+        return {"images": [os.path.join("ut-zap50k-images", p) for p in read_filenames(os.path.join(root, "filenames.json"))]}
+    return {s: read_filenames(os.path.join(root, f"filenames_{s}.txt")) for s in ("train", "valid", "test")}
+
+
+def prepared_files(root, split, img_size):
+    """(array, header) paths of a split's prepared images at img_size."""
+    base = os.path.join(root, "prepared", f"{split}_{img_size}")
+    return base + ".npy", base + ".json"
+
+
+def _fingerprint(names):
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+class PreparedImages:
+    """A split's prepared array, memory-mapped read-only on first use in each process: pickled into a loader worker
+    it carries the path, not the pixels, and the worker maps the same file."""
+
+    def __init__(self, path, header, fix):
+        self.path, self.header, self.fix = path, header, fix
+        self.missing = np.array(header["missing"], dtype=np.int64)
+        self.unreadable = {int(i): e for i, e in header["unreadable"]}
+        self._array = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+    @property
+    def array(self):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def take(self, rows):
+        """uint8 (len(rows), 3, S, S): rows (an int array) copied out of the mapping."""
+        return torch.from_numpy(self.array[np.asarray(rows, dtype=np.int64)])
+
+    def check(self, rows, paths):
+        """Refuse rows that hold no image; paths[k] names row rows[k]. The callers pass the rows of images that are
+        there now: one that was missing when the array was made is a stale array; an unreadable one would stop the
+        run when decoded too, so it stops it here, before any work."""
+        rows = np.asarray(rows, dtype=np.int64)
+        back = [paths[k] for k in np.flatnonzero(np.isin(rows, self.missing))]
+        if back:
+            raise ValueError(f"{self.path}: {len(back)} images were missing when it was made and are there now, "
+                             f"e.g. {back[:3]}: {self.fix}")
+        bad = [f"{paths[k]} ({self.unreadable[int(r)]})" for k, r in enumerate(rows) if int(r) in self.unreadable]
+        if bad:
+            raise OSError(f"{len(bad)} images could not be decoded when {self.path} was made, e.g. {bad[:3]}; "
+                          f"'python data.py check --decode' lists them all")
+
+
+def open_prepared(name, root, split, img_size):
+    """The split's PreparedImages at img_size, or None when `data.py prepare` has not made them (then the images are
+    decoded from their files). An array made for another size or by an older transform, from another list of images,
+    without its header, or truncated is refused with a message that names the file and the fix."""
+    split = prepared_split(name, split)
+    npy, head = prepared_files(root, split, img_size)
+    if not (os.path.exists(npy) or os.path.exists(head)):
+        return None
+    fix = (f"run 'python data.py prepare --data {name} --data-root {root} --img-size {img_size}' again "
+           f"(or delete {npy} and {head} to decode the images instead)")
+    if not os.path.isfile(head):
+        raise ValueError(f"{npy}: no header {head} beside it (an interrupted prepare?): {fix}")
+    if not os.path.isfile(npy):
+        raise ValueError(f"{head}: the array {npy} is missing: {fix}")
+    try:
+        with open(head, encoding="utf-8") as f:
+            header = json.load(f)
+        made = (header["version"], header["img_size"], header["count"], header["fingerprint"])
+        prepared = PreparedImages(npy, header, fix)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{head}: not a prepared-images header ({type(e).__name__}: {e}): {fix}") from None
+    names = prepared_names(name, root)[split]
+    listed = "filenames.json" if name == "zappos" else f"filenames_{split}.txt"
+    if made[0] != PREPARED_VERSION:
+        raise ValueError(f"{npy}: made by a data.py with another image transform (version {made[0]}, this one is "
+                         f"{PREPARED_VERSION}): {fix}")
+    if made[1] != img_size:
+        raise ValueError(f"{npy}: holds images of {made[1]} px, not {img_size}: {fix}")
+    if made[2:] != (len(names), _fingerprint(names)):
+        raise ValueError(f"{npy}: {os.path.join(root, listed)} has changed since it was made ({made[2]} images then, "
+                         f"{len(names)} now): {fix}")
+    try:
+        array = np.load(npy, mmap_mode="r")
+    except Exception as e:  # a broken .npy header raises anything from ValueError to SyntaxError
+        raise ValueError(f"{npy}: cannot be mapped (truncated?): {type(e).__name__}: {e}: {fix}") from None
+    if array.dtype != np.uint8 or array.shape != (len(names), 3, img_size, img_size):
+        raise ValueError(f"{npy}: holds {array.dtype} {array.shape}, not uint8 {(len(names), 3, img_size, img_size)}: {fix}")
+    if os.path.getsize(npy) != array.offset + array.nbytes:
+        raise ValueError(f"{npy}: {os.path.getsize(npy)} bytes, {array.offset + array.nbytes} expected (truncated?): {fix}")
+    return prepared
+
+
+def describe_images(name, root, split, img_size):
+    """Where a split's images come from, for the one line train.py and evaluate.py print; refuses a stale array."""
+    p = open_prepared(name, root, split, img_size)
+    return f"{p.path} (prepared, memory-mapped)" if p else "decoded from the image files ('python data.py prepare' makes arrays)"
+
+
+def _prepare_rows(job):
+    """Decode rows start.. of a split into the array being written; return how many, and the rows without an image."""
+    path, paths, start, img_size = job
+    out = np.load(path, mmap_mode="r+")
+    missing, unreadable = [], []
+    for i, p in enumerate(paths, start):
+        try:
+            out[i] = read_image(p, img_size).numpy()
+        except FileNotFoundError:
+            missing.append(i)
+        except OSError as e:
+            unreadable.append((i, str(e.__cause__ or e)))
+    out.flush()
+    return len(paths), missing, unreadable
+
+
+def prepare_images(name, root, img_size, workers=2, splits=None):
+    """python data.py prepare: decode every image of each split (or of `splits`) once with read_image into
+    prepared/{split}_{S}.npy and its header, written under temporary names and then renamed. Missing and unreadable
+    images are reported by name and their rows left zero; the readers leave them out as they do when decoding."""
+    for split, names in prepared_names(name, root).items():
+        if splits is not None and split not in splits:
+            continue
+        paths, (npy, head) = [os.path.join(root, n) for n in names], prepared_files(root, split, img_size)
+        n, t0 = len(paths), time.time()
+        if n == 0:
+            print(f"{split}: no images listed; nothing to prepare")
+            continue
+        os.makedirs(os.path.dirname(npy), exist_ok=True)
+        size, free = n * 3 * img_size**2, shutil.disk_usage(os.path.dirname(npy)).free
+        if size > free:
+            raise OSError(f"{npy}: needs {size / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free there")
+        print(f"{split}: {n} images at {img_size} px into {npy} ({size / 2**20:,.0f} MiB), {workers} processes", flush=True)
+        tmp = f"{npy}.tmp{os.getpid()}"
+        try:
+            # writes the .npy header and n zero rows (a sparse file); the workers fill the rows in place
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, img_size, img_size)).flush()
+            chunk = max(1, min(256, n // (8 * workers)))
+            jobs = [(tmp, paths[s:s + chunk], s, img_size) for s in range(0, n, chunk)]
+            missing, unreadable, done, shown = [], [], 0, time.time()
+            with multiprocessing.Pool(workers) as pool:  # leaving the block (an error, Ctrl-C) ends the workers
+                for k, m, u in pool.imap_unordered(_prepare_rows, jobs):
+                    done += k
+                    missing += m
+                    unreadable += u
+                    if time.time() - shown > 10 or done == n:
+                        rate = done / (time.time() - t0)
+                        print(f"  {done}/{n} images, {rate:.0f} img/s, eta {(n - done) / rate / 60:.1f} min", flush=True)
+                        shown = time.time()
+            header = dict(version=PREPARED_VERSION, dataset=name, split=split, img_size=img_size, count=n,
+                          fingerprint=_fingerprint(names), missing=sorted(missing), unreadable=sorted(unreadable),
+                          layout="(count, 3, S, S) uint8 RGB; row i is read_image of the split's i-th image",
+                          made=time.strftime("%Y-%m-%d %H:%M:%S"))
+            with open(head + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(header, f)
+            if os.path.exists(head):
+                os.remove(head)  # the old header goes first: an interruption leaves an array without one, refused
+            os.replace(tmp, npy)
+            os.replace(head + ".tmp", head)
+        finally:
+            for p in (tmp, head + ".tmp"):
+                if os.path.exists(p):
+                    os.remove(p)
+        print(f"{split}: wrote {npy} in {time.time() - t0:.1f} s")
+        gone, bad = [paths[i] for i in sorted(missing)], [f"{paths[i]} ({e})" for i, e in sorted(unreadable)]
+        for what, items in (("missing images", gone), ("unreadable images", bad)):  # as data.py check prints them
+            print(f"{what}: {len(items)}" + "".join(f"\n  {b}" for b in items[:5]) + ("\n  ..." if len(items) > 5 else ""))
+        if gone or bad:
+            print(f"  (all listed in {head}; as when decoding, training leaves the missing ones out and evaluation "
+                  f"refuses them; an unreadable image stops both)")
+
+# -----------------------------------------------------------------------------
 # data.py check: counts, chance level, missing and unreadable images, bad lines
 
 def check(name, root, decode=False):
     """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
     errors, paths = [], []
+    found = check_folder(name, root)
     missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
     if missing:
         for p in missing:
             print(f"missing: {p}")
-        print(HINTS.get(name, HINTS["asen"]) if name != "synthetic" else
-              "create it with: python data.py synth --out " + root)
+        if found and name not in found:
+            print(f"{looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found))
+        else:
+            print(HINTS.get(name, HINTS["asen"]) if name != "synthetic" else
+                  "create it with: python data.py synth --out " + root)
         return 1
     meta = load_meta(name, root)
     A = len(meta["attributes"])
@@ -1019,6 +1385,11 @@ if __name__ == "__main__":
     p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset name")
     p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME)")
     p.add_argument("--decode", action="store_true", help="decode every image fully (slow), not just its header")
+    p = sub.add_parser("prepare", help="decode every image once into uint8 arrays that training and evaluation map")
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset name")
+    p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME); the arrays go to its prepared/")
+    p.add_argument("--img-size", type=int, required=True, help="the image size the model is trained at (train.py --img-size)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per CPU)")
     add_import_parser(sub)  # data.py import
     args = parser.parse_args()
     if args.command == "import":
@@ -1026,5 +1397,15 @@ if __name__ == "__main__":
     if args.command == "synth":
         make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
                        args.workers)
+    elif args.command == "prepare":
+        if args.img_size < 1 or args.workers < 1:
+            parser.error("--img-size and --workers must be at least 1")
+        try:
+            prepare_images(args.data, prepare_dataset(args.data, args.data_root)[0], args.img_size, args.workers)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
     else:
-        sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        try:
+            sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
+        except (OSError, ValueError) as e:  # a folder of another dataset, an unreadable meta.json: one line
+            sys.exit(f"error: {e}")

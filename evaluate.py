@@ -26,8 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import CCAConfig, build_model
-from data import EvalItems, ZapposEvalSet, chance_map, prepare_dataset
+from cca import CCAConfig, build_model, torch_load
+from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
+                  looks_like, prepare_dataset)
 
 # -----------------------------------------------------------------------------
 # Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
@@ -229,24 +230,25 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
     return gather_by_index(feats, index, len(dataset))
 
 
-def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1):
+def evaluate_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1, missing="error"):
     """Score `model` on a split ("valid" or "test"): mAP (ASEN data) or triplet accuracy (Zappos).
     Every rank embeds its shard and the features are gathered; the metric is computed once, on rank 0,
-    and the other ranks get None."""
+    and the other ranks get None. missing="drop" scores without the items of missing images and marks the result."""
     if meta["format"] == "zappos":
-        items = ZapposEvalSet(root, split, img_size)
+        items = ZapposEvalSet(root, split, img_size, missing=missing)
         f = embed_items(model, items, device, batch_size, workers, rank, world_size)
         t = items.triplets.to(device)
         if rank != 0:
             return None
-        return triplet_accuracy(f[t[:, 0]], f[t[:, 1]], f[t[:, 2]], items.conditions.to(device), len(meta["attributes"]))
-    items, feats = embed_split(model, meta, root, split, img_size, device, batch_size, workers, rank, world_size)
+        result = triplet_accuracy(f[t[:, 0]], f[t[:, 1]], f[t[:, 2]], items.conditions.to(device), len(meta["attributes"]))
+        return mark_incomplete(result, {"triplets": (items.left_out, items.listed)})
+    items, feats = embed_split(model, meta, root, split, img_size, device, batch_size, workers, rank, world_size, missing)
     return split_map(items, feats) if rank == 0 else None
 
 
-def embed_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1):
+def embed_split(model, meta, root, split, img_size, device, batch_size=128, workers=2, rank=0, world_size=1, missing="error"):
     """An ASEN split's {"query", "candidate"} EvalItems and their features (gathered on every rank)."""
-    items = {role: EvalItems(meta["name"], root, split, role, img_size) for role in ("query", "candidate")}
+    items = {role: EvalItems(meta["name"], root, split, role, img_size, missing) for role in ("query", "candidate")}
     return items, {role: embed_items(model, s, device, batch_size, workers, rank, world_size) for role, s in items.items()}
 
 
@@ -254,7 +256,26 @@ def split_map(items, feats):
     """mean_average_precision of embed_split's output."""
     q, c = items["query"], items["candidate"]
     d = feats["query"].device
-    return mean_average_precision(feats["query"], q.attrs.to(d), q.values.to(d), feats["candidate"], c.attrs.to(d), c.values.to(d))
+    result = mean_average_precision(feats["query"], q.attrs.to(d), q.values.to(d), feats["candidate"], c.attrs.to(d), c.values.to(d))
+    return mark_incomplete(result, {role: (s.left_out, s.listed) for role, s in items.items()})
+
+
+NOT_COMPARABLE = "not comparable with published numbers"
+ROLE_NAMES = {"query": "queries", "candidate": "candidates", "triplets": "triplets"}
+
+
+def left_out_text(left_out):
+    """'3 of 400 queries and 0 of 1600 candidates': what --eval-missing drop left out of a split."""
+    return " and ".join(f"{n} of {listed} {ROLE_NAMES[role]}" for role, (n, listed) in left_out.items())
+
+
+def mark_incomplete(result, left_out):
+    """Carry in the result itself that items were left out, so that every table, JSON file and checkpoint history
+    made from it says so: result["left_out"] {role: [left out, listed]} and result["incomplete"], a sentence."""
+    if any(n for n, _ in left_out.values()):
+        result["left_out"] = {role: list(v) for role, v in left_out.items()}
+        result["incomplete"] = f"{NOT_COMPARABLE}: {left_out_text(left_out)} left out, their images missing (--eval-missing drop)"
+    return result
 
 
 def format_results(result, meta, chance=None):
@@ -276,6 +297,8 @@ def format_results(result, meta, chance=None):
         lines.append(f"{'total (over all triplets)':<41s} {100 * result['total']:7.2f}")
         if chance is not None:
             lines.append(f"{'chance level (a coin flip)':<41s} {100 * chance:7.2f}")
+    if "incomplete" in result:
+        lines.append(f"incomplete split: {result['incomplete']}")
     return "\n".join(lines)
 
 
@@ -288,17 +311,31 @@ RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")
 
 
 def read_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A train.py checkpoint as a dict, on the CPU; a clear error if the file is missing, unreadable or lacks `keys`."""
+    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
+    or lacks `keys`."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path}: cannot read as a torch checkpoint (truncated or corrupt?): {e}")
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch_load(path)
     missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
     if missing:
-        raise SystemExit(f"error: {path}: not a train.py checkpoint (no {', '.join(missing)})")
+        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
     return ckpt
+
+
+def device_arg(text):
+    """argparse type of --device: a device this machine has, or a flag error now rather than a traceback later."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
 
 
 def load_checkpoint(path, device="cpu"):
@@ -316,8 +353,11 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--batch-size", type=int, default=128, help="images per batch")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed image that is missing: error (default), or drop: score without it, the numbers then marked "
+                        "not comparable with published numbers")
     # pictures
     p.add_argument("--no-score", action="store_true", help="skip the metrics (only make the pictures asked for)")
     p.add_argument("--out", default=None, help="folder for the pictures (default: figures/ beside the checkpoint)")
@@ -330,14 +370,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.retrieve and not args.attr:
         p.error("--retrieve needs --attr NAME")
+    if args.attr and not args.retrieve:
+        p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
     if args.topk < 1:
         p.error(f"--topk must be at least 1, got {args.topk}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = load_checkpoint(args.ckpt, device)
+    try:
+        model, ckpt = load_checkpoint(args.ckpt, device)
+    except (OSError, ValueError) as e:  # missing, a folder, not a checkpoint
+        raise SystemExit(f"error: {e}")
     meta = ckpt["meta"]
     name = meta["name"]
+    root = args.data_root or ckpt["args"]["data_root"]
+    found = identify(root)
+    if found and name not in found:  # e.g. a demo checkpoint with --data-root of a real dataset
+        raise SystemExit(f"error: {args.ckpt} was trained on {name}, but {looks_like(root, found)}: give --data-root "
+                         f"a folder of {name}, or score a checkpoint trained on " + " or ".join(found))
     try:
-        root, disk_meta = prepare_dataset(name, args.data_root or ckpt["args"]["data_root"])
+        root, disk_meta = prepare_dataset(name, root)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if disk_meta["attributes"] != meta["attributes"]:
@@ -354,22 +404,27 @@ def main(argv=None):
     cfg = model.cfg
     print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; {args.split} split of {root}")
     try:
+        for role, (n, listed) in check_eval_images(name, root, args.eval_missing, (args.split,))[args.split].items():
+            if n:
+                print(f"warning: {args.split} {role}: {n} of {listed} listed images are missing; scored without them "
+                      f"({NOT_COMPARABLE})")
+        print(f"images: {describe_images(name, root, args.split, cfg.img_size)}")
         return score_and_draw(args, model, ckpt, root, device)
     except (OSError, ValueError) as e:  # a missing or corrupt image: say which
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {error_message(e)}")
 
 
 def score_and_draw(args, model, ckpt, root, device):
     meta, name, cfg = ckpt["meta"], ckpt["meta"]["name"], model.cfg
     result = None
     # the pictures of the split's items need its features: embed it once for them and for the scores
-    embedded = (embed_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers)
+    embedded = (embed_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers, missing=args.eval_missing)
                 if args.retrieve or args.embeddings else None)
     if not args.no_score:
         t0 = time.time()
         result = split_map(*embedded) if embedded else evaluate_split(model, meta, root, args.split, cfg.img_size, device,
-                                                                      args.batch_size, args.workers)
-        chance = chance_map(name, root, args.split)
+                                                                      args.batch_size, args.workers, missing=args.eval_missing)
+        chance = chance_map(name, root, args.split, args.eval_missing)
         print(format_results(result, meta, chance))
         print(f"({time.time() - t0:.1f} s)")
     if args.attention or args.retrieve or args.embeddings:

@@ -50,6 +50,8 @@ import torch
 import torch.distributed as dist
 
 from data import IMAGE_EXTENSIONS, load_image, load_meta, read_filenames, read_labels
+from evaluate import device_arg, gather_by_index, load_checkpoint, shard
+from train import cleanup, setup
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -213,8 +215,6 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
     of each step's window and rank 0 writes the gathered window, so memory stays at one window whatever N is.
     On a GPU under bf16 autocast, as evaluate.py embeds. Images that cannot be read are left out and listed in
     the index (Index.failed) and by `log`; raises ValueError if none can be read."""
-    from evaluate import gather_by_index, shard
-
     n, K, D, S = len(paths), model.cfg.num_conditions, model.cfg.out_dim, model.cfg.img_size
     if n == 0:
         raise ValueError(f"{out}: no images to index: the gallery is empty")
@@ -469,8 +469,6 @@ def bench(num_images, num_attributes, out_dims, folder, queries=5, device=None):
 
 
 def load_model(path, device):
-    from evaluate import load_checkpoint
-
     model, ckpt = load_checkpoint(path, device)
     if model.cfg.num_conditions != len(ckpt["meta"]["attributes"]):
         raise ValueError(f"{path}: {model.cfg.num_conditions} conditions, its meta lists {len(ckpt['meta']['attributes'])} attributes")
@@ -478,9 +476,8 @@ def load_model(path, device):
 
 
 def run_index(args):
-    from train import cleanup, setup
-
     rank, world, device = setup(args.device)
+    finished = False
     try:
         model, ckpt = load_model(args.ckpt, device)
         if args.images:
@@ -499,8 +496,9 @@ def run_index(args):
             t = time.time() - t0
             print(f"wrote {args.out}: {len(index)} images x {model.cfg.num_conditions} attributes x {model.cfg.out_dim} "
                   f"in {fmt_time(t)} ({len(paths) / t:.1f} img/s); {len(index.failed)} left out")
+        finished = True
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 def run_query(args):
@@ -545,7 +543,7 @@ def main(argv=None):
     q.add_argument("--out", required=True, help="the index file to write")
     q.add_argument("--batch-size", type=int, default=64, help="images per batch per rank")
     q.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank")
-    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     q = sub.add_parser("query", help="rank an index's images by similarity to a query image under attributes")
     q.add_argument("--index", required=True, help="an index file written by 'search.py index'")
     q.add_argument("--ckpt", required=True, help="the checkpoint the index was built with")
@@ -555,14 +553,14 @@ def main(argv=None):
     q.add_argument("--topk", type=int, default=10, help="results to show")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--out", default=None, help="draw the query and its results into this PNG")
-    q.add_argument("--device", default=None, help="cuda or cpu (default: cpu: the index is read from its file)")
+    q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cpu: the index is read from its file)")
     q = sub.add_parser("bench", help="query latency against a large gallery of random vectors")
     q.add_argument("--num-images", type=int, default=1_000_000, help="gallery size N")
     q.add_argument("--num-attributes", type=int, default=8, help="K")
     q.add_argument("--out-dim", type=int, nargs="+", default=[128, 1024], help="embedding widths to measure")
     q.add_argument("--queries", type=int, default=5, help="timed queries after the first")
     q.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary index files go (deleted after)")
-    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.command == "index" and bool(args.images) == bool(args.data_root):
         p.error("give the gallery as --images DIR_OR_LIST, or as --data-root DIR [--split S]")

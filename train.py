@@ -21,7 +21,6 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 """
 
 import argparse
-import math
 import os
 import time
 from dataclasses import asdict
@@ -31,10 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
-from data import DATASETS, TripletDataset, chance_map, prepare_dataset
-from evaluate import CHECKPOINT_KEYS, RESUME_KEYS, evaluate_split, format_results, read_checkpoint
+from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
+                  normalise, prepare_dataset)
+from evaluate import CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, read_checkpoint
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
@@ -53,6 +54,10 @@ DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_0
             cache_images=True, eval_every=3)
 
 
+# The flags that shape the model: --resume takes them from the checkpoint, and refuses a different value given.
+MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
@@ -62,13 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the training images once into memory, 3*S*S bytes each per rank, and batch them without "
-                        "loader workers (default: synthetic only)")
+                        "loader workers (default: synthetic only; prepared arrays of 'data.py prepare' are used instead when there are)")
     # model
     p.add_argument("--arch", default=None, choices=sorted(ARCH_SIZES), help="backbone size (default: vit_r50_b16; synthetic tiny)")
-    p.add_argument("--method", default="cca", choices=METHODS, help="cca (the paper's model), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
-    p.add_argument("--condition-type", type=int, default=2, choices=(1, 2), help="condition token: 1 FC(onehot(c)), 2 FC(ReLU(M[c])) (paper eq. 2/3)")
+    p.add_argument("--method", default=None, choices=METHODS, help="cca (the paper's model, the default), or a comparison of its tables: triplet, csn (TF-CSN), asen (TF-ASEN)")
+    p.add_argument("--condition-type", type=int, default=None, choices=(1, 2), help="condition token: 1 FC(onehot(c)), 2 FC(ReLU(M[c])) (paper eq. 2/3; default 2)")
     p.add_argument("--img-size", type=int, default=None, help="input size (default: 224 for vit_r50_b16, 64 for tiny; synthetic 32)")
-    p.add_argument("--out-dim", type=int, default=1024, help="embedding width")
+    p.add_argument("--out-dim", type=int, default=None, help="embedding width (default 1024)")
     p.add_argument("--pretrained", default=None, help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 200; synthetic 45)")
@@ -83,21 +88,41 @@ def parse_args(argv=None):
     # evaluation
     p.add_argument("--eval-every", type=int, default=None, help="validate every N epochs and after the last (default: 1; synthetic 3)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="images per batch when embedding the validation split")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a valid or test image that is missing (checked before the first step): error (default), or drop: "
+                        "validate without it, the numbers then marked not comparable with published numbers")
     # system
     p.add_argument("--out-dir", default=None, help="where checkpoints go (default: runs/DATA)")
     p.add_argument("--resume", default=None, help="a last.pt or best.pt to continue from (model, optimizer, epoch, best)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights' initialisation and the triplet draws")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model for training; checkpoints keep the plain weights (default: on with CUDA; off "
+                        "on the CPU, where the demo's step gained nothing after about a minute of compiling)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="feed the ResNet stem channels-last (NHWC) images on CUDA, the layout cuDNN's bf16 convolutions "
+                        "prefer (default: off; bench.py measures both)")
     args = p.parse_args(argv)
     defaults = DEMO if args.data == "synthetic" else RECIPE
     for k, v in defaults.items():
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not (args.resume and k in MODEL_FLAGS):
             setattr(args, k, v)
     if args.num_triplets is None:
         args.num_triplets = 200_000 if args.data == "zappos" else 100_000  # CSN's fixed list; ASEN++'s epoch
-    if args.img_size is None:
-        args.img_size = 224 if args.arch == "vit_r50_b16" else 64
+    # the model's shape: --resume takes it from the checkpoint, so there a flag left out stays None (train() fills it)
+    if not args.resume:
+        for k, v in dict(method="cca", condition_type=2, out_dim=1024, img_size=224 if args.arch == "vit_r50_b16" else 64).items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    for k in ("img_size", "out_dim"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if args.img_size is not None and args.arch is not None:
+        try:
+            CCAConfig(arch=args.arch, img_size=args.img_size)
+        except ValueError as e:
+            p.error(f"--img-size {args.img_size}: {e}")
     args.data_root = args.data_root or os.path.join("data", args.data)
     args.out_dir = args.out_dir or os.path.join("runs", args.data)
     if args.trunk_warmup < 0:
@@ -136,8 +161,16 @@ def setup(device_arg):
     return rank, world, device
 
 
-def cleanup():
+def cleanup(finished):
+    """Tear the process group down. After a finished run every rank first waits at a barrier: no rank exits while
+    rank 0 still validates and saves, and gloo's worker thread can drop the tensors of the last all_gather (which
+    needs the GIL) while the interpreter is still running. A rank that reached interpreter exit within milliseconds
+    of its last all_gather aborted with "terminate called without an active exception": that thread asked a
+    finalizing interpreter for the GIL (docs/LOG.md has the backtrace). After an error there is no barrier: the other
+    ranks may never reach it."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -188,6 +221,35 @@ def train_step(model, optimizer, a, p, n, c, margin, use_amp):
     return loss.detach(), acc
 
 
+# Dense (no sparsity) bf16 tensor-core peaks of NVIDIA's data sheets, in TFLOP/s, for the model FLOPs utilisation
+# (MFU): the first entry whose words all appear in torch.cuda.get_device_name() (case ignored) is the GPU.
+GPU_PEAKS = [(("h100", "pcie"), "H100 PCIe", 756), (("h100", "nvl"), "H100 NVL", 835), (("h100",), "H100 SXM", 989),
+             (("h200", "nvl"), "H200 NVL", 835), (("h200",), "H200 SXM", 989), (("a100",), "A100", 312)]
+
+
+def gpu_peak(device):
+    """(name, dense bf16 FLOP/s) of a known CUDA GPU, else None: no MFU without a peak."""
+    name = torch.cuda.get_device_name(device).lower()
+    for words, label, tflops in GPU_PEAKS:
+        if all(w in name for w in words):
+            return f"{label} {tflops} TFLOP/s dense bf16", tflops * 1e12
+    return None
+
+
+def training_flops(cfg):
+    """FLOPs of one image in a training step (forward and backward of a triplet, over its 3 images), counted by torch's
+    FlopCounterMode: matmuls, convolutions and attention (as its two matmuls), not norms or element-wise ops. Counted
+    on the meta device, where nothing is allocated or computed."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+        x, c = torch.zeros(3, 3, cfg.img_size, cfg.img_size), torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        f = model(x, c.repeat(3)).view(3, 1, -1)
+        triplet_loss(f[0], f[1], f[2], 0.2)[0].backward()
+    return counter.get_total_flops() / 3
+
+
 def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
     """One dict that suffices to resume and to evaluate; written to a temporary file, then renamed."""
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
@@ -195,6 +257,14 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, 
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+
+
+def nonfinite_error(first_bad, steps):
+    """The error that stops a run whose loss was nan or inf; first_bad is this rank's first such step, -1 if none."""
+    s = int(first_bad)
+    where = f"at epoch {s // steps + 1} step {s % steps + 1}" if s >= 0 else "on another rank"
+    return FloatingPointError(f"the loss is not finite (nan or inf) {where}: stopped before saving any weights trained "
+                              "on it (lower --lr?)")
 
 
 def fmt_time(s):
@@ -205,17 +275,19 @@ def fmt_time(s):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup(args.device)
+    finished = False
     try:
         train(args, rank, world, device)
-    except (OSError, ValueError) as e:  # a missing dataset or image, a bad split file, a corrupt image: say what and where
-        raise SystemExit(f"error: {e}")
+        finished = True
+    except (OSError, ValueError, FloatingPointError) as e:  # a missing or corrupt file, a bad split file, a nan loss
+        raise SystemExit(f"error: {error_message(e)}")
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 def train(args, rank, world, device):
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} does not divide over {world} ranks")
+        raise ValueError(f"--batch-size {args.batch_size} does not divide over {world} ranks")
     per_rank = args.batch_size // world
     # the synthetic set is written by rank 0 only while the others wait; real data is checked by every rank,
     # so that a missing file stops all of them rather than leaving the others at the barrier
@@ -226,24 +298,42 @@ def train(args, rank, world, device):
     if rank != 0 and args.data == "synthetic":
         root, meta = prepare_dataset(args.data, args.data_root)
     K = len(meta["attributes"])
+    # every valid and test image, before the first step: checked by every rank, so that all of them stop together
+    for split, roles in check_eval_images(args.data, root, args.eval_missing).items():
+        for role, (n, listed) in roles.items():
+            if n:
+                print0(f"warning: {split} {role}: {n} of {listed} listed images are missing; --eval-missing drop scores "
+                       f"without them ({NOT_COMPARABLE})")
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     resume = read_checkpoint(args.resume, CHECKPOINT_KEYS + RESUME_KEYS) if args.resume else None
     if resume is not None:
         if resume["meta"]["name"] != args.data:
-            raise SystemExit(f"{args.resume} was trained on {resume['meta']['name']}, not on --data {args.data}")
+            raise ValueError(f"{args.resume} was trained on {resume['meta']['name']}, not on --data {args.data}")
         cfg = CCAConfig(**resume["config"])
+        for k in MODEL_FLAGS:  # a flag given must agree with the checkpoint; one left out takes its value
+            given, saved = getattr(args, k), getattr(cfg, k)
+            if given is not None and given != saved:
+                flag = "--" + k.replace("_", "-")
+                raise ValueError(f"{flag} {given} conflicts with {args.resume}, trained with {flag} {saved}: leave {flag} out "
+                                 "to resume it, or start a new run in another --out-dir")
+            setattr(args, k, saved)
+        if resume["epoch"] + 1 >= args.epochs:
+            print0(f"{args.resume} has finished epoch {resume['epoch'] + 1}, and --epochs is {args.epochs}: nothing left to do "
+                   "(give a larger --epochs to train on)")
+            return
     else:
         cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size, out_dim=args.out_dim,
                         method=args.method)
     if cfg.num_conditions != K:
-        raise SystemExit(f"the checkpoint has {cfg.num_conditions} conditions, dataset {args.data} has {K}")
+        raise ValueError(f"the checkpoint has {cfg.num_conditions} conditions, dataset {args.data} has {K}")
     model = build_model(cfg)
     if args.pretrained and resume is None:
         load_pretrained(model, args.pretrained, verbose=rank == 0)
-    elif args.data == "custom" and resume is None and cfg.arch == "vit_r50_b16":
-        print0("warning: training R50+ViT-B/16 from scratch: a catalogue is far too small for that (the paper starts from "
-               "ImageNet-21k weights); give --pretrained")
+    elif args.data != "synthetic" and resume is None:
+        print0(f"warning: training {cfg.arch} from scratch on {args.data}, without --pretrained: the paper starts from "
+               "ImageNet-21k weights (R50+ViT-B_16.npz; see cca.py convert), and from scratch the recipe is far slower "
+               "and far worse")
     model.to(device)
     print0(f"model {cfg.arch}, method {cfg.method} (type-{cfg.condition_type} condition token for cca), {K} conditions, img {cfg.img_size}: {count_parameters(model):,} parameters")
 
@@ -254,34 +344,58 @@ def train(args, rank, world, device):
     if resume is not None:
         model.load_state_dict(resume["model"])
         if len(resume["optimizer"]["param_groups"]) != len(optimizer.param_groups):
-            raise SystemExit(f"{args.resume}: written by an older train.py with one learning-rate group; it cannot be resumed, "
+            raise ValueError(f"{args.resume}: written by an older train.py with one learning-rate group; it cannot be resumed, "
                              "but evaluate.py still scores it")
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, best, history = resume["epoch"] + 1, resume["best_metric"], resume["history"]
         print0(f"resumed from {args.resume} at epoch {start_epoch} (best so far {best:.4f})")
-    raw = model
+    raw = model  # what is saved and evaluated: not compiled, not wrapped
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.compile:
+        model = torch.compile(model)  # compiles on the first steps (a minute or more for the paper's model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    channels_last = args.channels_last and device.type == "cuda"
+    peak = flops = None
+    if device.type == "cuda":
+        flops, peak = training_flops(cfg), gpu_peak(device)
+        print0(f"{flops / 1e9:.1f} GFLOPs per training image (counted); "
+               + (f"MFU against {peak[0]}" if peak else f"no MFU: no peak known for {torch.cuda.get_device_name(device)}"))
+    print0(f"torch.compile {'on' if args.compile else 'off'}, channels-last {'on' if channels_last else 'off'}")
 
     data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True,
                           cache=args.cache_images)
-    steps = args.num_triplets // args.batch_size  # the same on every rank: DDP needs every rank to take each step
+    # from what the epoch holds (zappos: CSN's list without the triplets of missing images), not from --num-triplets;
+    # len(data) is the same on every rank: DDP needs every rank to take each step
+    steps = len(data) // per_rank
     if steps == 0:
-        raise SystemExit(f"--num-triplets {args.num_triplets} is less than one batch of {args.batch_size}")
-    chance = chance_map(args.data, root, "valid") if rank == 0 else None  # printed by rank 0
+        raise ValueError(f"an epoch holds {len(data) * world} triplets, less than one batch of {args.batch_size}")
+    stored = (f"{data.prepared.path} (prepared, memory-mapped)" if data.prepared is not None else
+              "decoded once into memory" if data.images is not None else
+              f"decoded from the image files by {args.workers} loader workers per rank")
+    print0(f"images: train {stored}; valid {describe_images(args.data, root, 'valid', cfg.img_size)}")
+    chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
 
     t_start, done_steps = time.time(), 0
     total_steps = (args.epochs - start_epoch) * steps
+    # the run's step of the first non-finite loss (-1: none), kept on the device: checked every step without a host
+    # sync, read where the progress line syncs anyway and before anything is validated or saved
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     for epoch in range(start_epoch, args.epochs):
         data.set_epoch(epoch)
         # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
         torch.manual_seed(args.seed + 1000 * epoch + rank)
-        if data.images is not None:  # decoded in memory: a batch is a few tensor ops in this process, no loader
-            loader = (data.batch(np.arange(i * per_rank, (i + 1) * per_rank)) for i in range(steps))
+        if data.images is not None or (data.prepared is not None and args.workers == 0):
+            # stored images: a batch is a few tensor ops in this process, no loader
+            loader = (data.raw_batch(np.arange(i * per_rank, (i + 1) * per_rank)) for i in range(steps))
+        elif data.prepared is not None:  # the workers cut whole uint8 batches from the one memory-mapped file
+            loader = torch.utils.data.DataLoader(TripletBatches(data, per_rank), batch_size=None, num_workers=args.workers,
+                                                 pin_memory=use_amp)
         else:
             loader = torch.utils.data.DataLoader(data, batch_size=per_rank, shuffle=False, drop_last=True, num_workers=args.workers,
                                                  pin_memory=use_amp, persistent_workers=False)
@@ -293,34 +407,46 @@ def train(args, rank, world, device):
             if step == steps:
                 break
             a, p, n, c = (t.to(device, non_blocking=True) for t in (a, p, n, c))
+            if a.dtype == torch.uint8:  # stored images travel as uint8, a quarter of float32's bytes; normalised here
+                a, p, n = normalise(a), normalise(p), normalise(n)
+            if channels_last:
+                a, p, n = (t.contiguous(memory_format=torch.channels_last) for t in (a, p, n))
             set_trunk_lr(optimizer, epoch * steps + step, args.trunk_warmup)
             loss, acc = train_step(model, optimizer, a, p, n, c, args.margin, use_amp)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), epoch * steps + step, first_bad)
             loss_sum += loss  # accumulated on the device: no host sync inside the step
             acc_sum += acc
             n_sum += 1
             done_steps += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                stats = torch.stack([loss_sum, acc_sum]) / n_sum
+                stats = torch.stack([loss_sum / n_sum, acc_sum / n_sum, (first_bad >= 0).float()])
                 if world > 1:
                     dist.all_reduce(stats)
-                    stats /= world
-                loss_v, acc_v = stats.tolist()
-                if not math.isfinite(loss_v):
-                    raise SystemExit(f"loss is {loss_v} at epoch {epoch + 1} step {step + 1}: stopping (lower --lr?)")
+                    stats[:2] /= world
+                loss_v, acc_v, bad = stats.tolist()
+                if bad:  # on any rank: every rank stops here
+                    raise nonfinite_error(first_bad, steps)
                 dt = time.time() - t_log
                 ips = 3 * args.batch_size * n_sum / dt
                 eta = (time.time() - t_start) / done_steps * (total_steps - done_steps)
+                mfu = f" mfu {flops * ips / world / peak[1]:.1%}" if peak else ""  # ips counts every rank's images
                 print0(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss_v:.4f} triplet acc {acc_v:.3f} "
-                       f"lr {lr_text(optimizer)} {ips:.0f} img/s eta {fmt_time(eta)}")
+                       f"lr {lr_text(optimizer)} {ips:.0f} img/s{mfu} eta {fmt_time(eta)}")
                 loss_sum.zero_()
                 acc_sum.zero_()
                 n_sum, t_log = 0, time.time()
         scheduler.step()
+        bad = (first_bad >= 0).float()  # the progress line has read it already; once more before validating and saving
+        if world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            raise nonfinite_error(first_bad, steps)
 
         record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             t0 = time.time()
-            result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world)
+            result = evaluate_split(raw, meta, root, "valid", cfg.img_size, device, args.eval_batch_size, args.workers, rank, world,
+                                    args.eval_missing)
             if rank == 0:  # the metric exists on rank 0 only, and only rank 0 writes checkpoints
                 record["valid"] = result
                 print0(f"validation after epoch {epoch + 1} ({time.time() - t0:.0f} s):\n{format_results(result, meta, chance)}")

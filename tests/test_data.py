@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -145,6 +144,48 @@ def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         data.prepare_dataset("imagenet")
 
+def asen_folder(root, meta_source="meta.json"):
+    """The fixture's FashionAI heads as a whole ASEN folder (every split file present, short or empty)."""
+    os.makedirs(root)
+    for f in data.ASEN_FILES:
+        src = os.path.join(FIX, meta_source if f == "meta.json" else f)
+        shutil.copy(src, os.path.join(root, f)) if os.path.isfile(src) else open(os.path.join(root, f), "w").close()
+    return root
+
+
+def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_synthetic_set(tmp_path, zappos):
+    before = sorted(os.listdir(tmp_path))
+    # ASEN's combined meta.json fits FashionAI, DARN and DeepFashion; the folder's name picks one when it can
+    for folder, named in (("fashionai", "FashionAI"), ("data", "FashionAI or DARN or DeepFashion")):
+        root = asen_folder(str(tmp_path / folder))
+        with pytest.raises(ValueError) as e:
+            data.prepare_dataset("synthetic", root)
+        assert str(e.value).startswith(f"{root} looks like {named} (ASEN's split files), not the synthetic set: add --data")
+        assert "older" not in str(e.value) and "delete" not in str(e.value)
+    # a meta.json of one dataset: its attribute names tell which (here FashionAI's, in a folder named otherwise)
+    root = asen_folder(str(tmp_path / "mine"), "meta_with_value_names.json")
+    with pytest.raises(ValueError, match=re.escape("looks like FashionAI (ASEN's split files), not the synthetic set: add --data fashionai")):
+        data.prepare_dataset("synthetic", root)
+    root = str(tmp_path / "darn")
+    os.makedirs(root)
+    (tmp_path / "darn" / "meta.json").write_text(json.dumps({"ATTRIBUTES": data.ASEN_ATTRIBUTES["darn"], "ATTRIBUTES_NUM": [2] * 9}))
+    with pytest.raises(ValueError, match=re.escape("looks like DARN (ASEN's split files), not the synthetic set: add --data darn")):
+        data.prepare_dataset("synthetic", root)
+    zroot = zappos[0]
+    with pytest.raises(ValueError, match=re.escape(f"{zroot} looks like UT Zappos50K (CSN's triplet lists), not the synthetic set: add --data zappos")):
+        data.prepare_dataset("synthetic", zroot)
+    assert not os.path.exists(os.path.join(zroot, "meta.json")) and not os.path.exists(os.path.join(zroot, "images"))
+    # the right --data with a file missing: the message says which dataset the folder does hold
+    with pytest.raises(FileNotFoundError, match=re.escape(f"looks like UT Zappos50K (CSN's triplet lists): add --data zappos")):
+        data.prepare_dataset("fashionai", zroot)
+    # a meta.json of nothing known is not called a synthetic set either
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text('{"classes": 3}')
+    with pytest.raises(ValueError, match="is not a synthetic set's meta.json"):
+        data.prepare_dataset("synthetic", str(tmp_path / "other"))
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["fashionai", "data", "mine", "darn", "other"])  # nothing drawn
+    assert data.prepare_dataset("fashionai", str(tmp_path / "fashionai"))[1]["name"] == "fashionai"
+
 # -----------------------------------------------------------------------------
 # conditioned triplets
 
@@ -251,12 +292,30 @@ def test_ranks_draw_disjoint_shares_of_the_whole_set(toy, n):
     assert np.array_equal(merged[n:], whole.triplets[: len(merged) - n])  # padding wraps around
 
 
-def test_triplets_draw_fast(toy):
+def test_a_full_epoch_of_triplets_is_drawn(toy):  # its speed is bench.py's business, not a test's
     root, _ = toy
     ds = data.TripletDataset("asen-toy", root, 32, 100_000)
-    t0 = time.perf_counter()
     ds.set_epoch(1)
-    assert time.perf_counter() - t0 < 1.0 and len(ds) == 100_000
+    assert len(ds) == 100_000 and ds.triplets.shape == (100_000, 4)
+
+
+def test_negatives_that_keep_the_first_value_are_redrawn_until_the_epoch_is_full(tmp_path):
+    # DeepFashion-like labels: 95% of the images carry value 0 beside their own value 1, 2 or 3, so most negatives
+    # drawn share the first value, and some still do after the 10 redraws
+    labels = {i: [(0, 1 + i % 3)] + ([(0, 0)] if i % 20 else []) for i in range(200)}
+    root = make_asen(str(tmp_path), labels, [4])
+    values = {i: {v for _, v in pairs} for i, pairs in labels.items()}
+    ds = data.TripletDataset("asen-toy", root, 32, 3000, seed=0)
+    assert len(ds._draw_some(np.random.default_rng(0), 3000)) < 3000  # the redraws alone leave triplets out
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert ds.triplets.shape == (3000, 4)  # topped up to exactly the number asked for
+        for a, p, n, c in ds.triplets:
+            assert a != p and values[a] & values[p] - values[n]  # a value of anchor and positive that the negative lacks
+    # a label set where no negative can ever lack the first value stops with a message instead of looping
+    root = make_asen(str(tmp_path / "all"), {i: [(0, 0), (0, 1)] for i in range(4)}, [2])
+    with pytest.raises(ValueError, match="keep sharing the anchor's value"):
+        data.TripletDataset("asen-toy", root, 32, 10)
 
 
 def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
@@ -314,6 +373,30 @@ def test_zappos_eval_set_unique_items(zappos):
             assert ev.paths[item].endswith(f"/{fid}.jpg") and ev.item_conditions[item] == c
     image, cond, i = ev[3]
     assert image.shape == (3, 16, 16) and cond == ev.item_conditions[3] and i == 3
+
+def test_eval_sets_refuse_or_drop_missing_images(zappos, tmp_path):
+    root = str(tmp_path / "z")
+    shutil.copytree(zappos[0], root)
+    os.remove(os.path.join(root, "ut-zap50k-images", "Shoes/Boots/Brand 0/0.jpg"))
+    with pytest.raises(FileNotFoundError, match=r"1 of 12 zappos valid images are missing.*--eval-missing drop"):
+        data.ZapposEvalSet(root, "valid", 16, num_triplets=20)
+    ev = data.ZapposEvalSet(root, "valid", 16, num_triplets=20, missing="drop")
+    uses = sum(0 in row for c in range(4) for row in zappos[1]["val", c])  # the triplets with image 0
+    assert 0 < uses < 20 and (ev.left_out, ev.listed, len(ev.triplets)) == (uses, 20, 20 - uses)
+    assert not any(p.endswith("/0.jpg") for p in ev.paths)
+    assert data.check_eval_images("zappos", root, "drop") == {"valid": {"triplets": (uses, 20)}, "test": {"triplets": (uses, 20)}}
+    # ASEN lists: the query or candidate of a missing image is left out, the others kept in their order
+    synth = str(tmp_path / "s")
+    data.make_synthetic(synth, seed=3, workers=1, **SMALL)
+    q = data.EvalItems("synthetic", synth, "valid", "query", 32)
+    os.remove(q.paths[3])
+    with pytest.raises(FileNotFoundError, match="1 of 10 valid query images are missing"):
+        data.check_eval_images("synthetic", synth)
+    dropped = data.EvalItems("synthetic", synth, "valid", "query", 32, missing="drop")
+    assert (dropped.left_out, dropped.listed) == (1, 10) and dropped.paths == q.paths[:3] + q.paths[4:]
+    assert torch.equal(dropped.attrs, torch.cat([q.attrs[:3], q.attrs[4:]]))
+    assert data.check_eval_images("synthetic", synth, "drop")["valid"] == {"query": (1, 10), "candidate": (0, 40)}
+    assert data.chance_map("synthetic", synth, "valid", "drop") != data.chance_map("synthetic", synth, "valid")
 
 # -----------------------------------------------------------------------------
 # images
@@ -494,3 +577,11 @@ def test_cli_synth_and_check(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "missing images: 1" in r.stdout and "images/test/00007.jpg" in r.stdout
     assert f"candidate_test.txt:{lineno}: expected 'fid attr value'" in r.stdout
+
+
+def test_cli_check_without_data_on_a_real_folder_says_which_dataset(tmp_path):
+    root = asen_folder(str(tmp_path / "fashionai"))
+    r = run("check", "--data-root", root)  # --data left out: synthetic
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {root} looks like FashionAI (ASEN's split files), not the synthetic set: "
+                                             "add --data fashionai"]

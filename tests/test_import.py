@@ -196,6 +196,8 @@ def test_train_and_evaluate_on_an_imported_catalogue(shop, tmp_path, capsys):
     data.import_catalogue(str(shop / "wide.csv"), out, log=lambda s: None)
     train.main(["--data", "custom", "--data-root", out, "--out-dir", str(tmp_path / "run"), "--arch", "tiny", "--img-size", "32",
                 "--out-dim", "16", "--batch-size", "8", "--num-triplets", "16", "--epochs", "1", "--workers", "0"])
+    with pytest.raises(SystemExit, match="looks like an imported catalogue .* add --data custom"):
+        train.main(["--data-root", out, "--epochs", "1"])  # the default --data synthetic on an imported folder
     img = os.path.join(shop, "photos", "summer", "item 07.png")
     result = evaluate.main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--workers", "0", "--out", str(tmp_path / "fig"),
                             "--retrieve", img, "--attr", "length", "--topk", "2"])
