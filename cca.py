@@ -411,7 +411,8 @@ class CCA(HybridViT):
 
 class CSNMask(nn.Module):
     """TF-CSN (paper Table 2, after Veit et al.): a learned mask per condition on the embedding,
-    f = l2(FC(x_cls) * ReLU(M[c])), M initialised as CSN's normal(0.9, 0.7)."""
+    f = l2(FC(x_cls) * ReLU(M[c])), M initialised as CSN's normal(0.9, 0.7). Trained with CSN's penalties on
+    FC(x_cls) and on ReLU(M[c]) (train.csn_regularisers, which says where they apply and why)."""
 
     def __init__(self, num_conditions, out_dim):
         super().__init__()
@@ -422,28 +423,59 @@ class CSNMask(nn.Module):
 
 
 class ASENAttention(nn.Module):
-    """TF-ASEN (paper Table 2, after Ma et al., AAAI 2020): attribute-aware spatial attention over
-    the patch tokens laid out as a grid, then attribute-aware channel attention, on the ViT's
-    last-layer tokens instead of a CNN feature map (1x1 convs become Linear layers on tokens)."""
+    """TF-ASEN (paper Table 2 and section 4, "SOTA models applied Transformer"): ASEN's ASENet (Ma et al.,
+    AAAI 2020; the authors' model.py) on the last layer's patch tokens, read as the grid ASEN's CNN map would be.
 
-    def __init__(self, num_conditions, dim):
+    With a = onehot(c), the N tokens x_n (width D) and tanh before the softmax as ASEN has it:
+      attribute-aware spatial attention   p_n = tanh(W_s x_n + b_s) * tanh(A_s a)       (512 wide)
+                                          s = softmax_n(tanh(w_p . p_n + b_p)),  v = sum_n s_n x_n
+      attribute-aware channel attention   q = ReLU(A_c a)                                (D wide)
+                                          w = sigmoid(W_2 ReLU(W_1 [v, q] + b_1) + b_2),  u = v * w
+    and the model's head then gives l2(FC(u)), ASEN's feature_fc and l2norm.
+
+    Because the logit goes through tanh, it lies in [-1, 1], so one location gets at most e^2 / (e^2 + N - 1) of
+    the weight (3.7% of 196 locations at 224 px), however large the weights grow: ASEN's spatial attention is soft
+    by construction. A 1x1 conv on a grid is a Linear layer on its tokens: we keep the tokens and use Linear
+    layers (same weights up to a reshape, same default initialisation), which spares two reshapes.
+
+    Widths: ASEN's 512 (the joint width of the spatial attention and the hidden width of the channel attention)
+    is kept at every size; ASEN's 1024, the width of its feature map (ResNet-50's third stage), is the token
+    width D here, because the attended feature, the channel weights and the attribute's channel vector are
+    multiplied or concatenated with the tokens element by element.
+
+    What differs from ASENet, and why:
+    - The features are the ViT's last-block tokens after its final LayerNorm (the backbone's output, as for
+      every method here), not the ResNet's post-ReLU map; [CLS] is left out, as ASEN's map has none.
+    - ASEN's feature_fc (1024 -> 1024, PyTorch's default initialisation) is the model's `head` (D -> out_dim),
+      initialised like every method's head (truncated normal, std 0.02, zero bias), so that it loads and
+      trains as the other methods' heads do.
+    - The grid size follows the image (ASEN fixes 14 x 14), and the one-hot's bias-free FC is read as a
+      column lookup of its weight (the same product, without building the one-hot).
+    Biases follow ASEN: the two attribute FCs have none; the projections and the two channel FCs have one.
+    The layers here keep PyTorch's default initialisation, as ASEN's do.
+    """
+
+    def __init__(self, num_conditions, dim, joint=512):
         super().__init__()
-        self.attr_spatial = nn.Embedding(num_conditions, dim)
-        self.attr_channel = nn.Embedding(num_conditions, dim)
-        self.feat_proj = nn.Linear(dim, dim)  # the feature map into the joint space
-        self.attr_proj = nn.Linear(dim, dim)  # the attribute into the joint space
-        self.score = nn.Linear(dim, 1)  # joint space -> one attention logit per location
-        self.channel = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        # spatial attention
+        self.attr_spatial = nn.Linear(num_conditions, joint, bias=False)  # A_s, ASEN's mask_fc1
+        self.feat_proj = nn.Linear(dim, joint)  # W_s, ASEN's conv1 (1x1)
+        self.score = nn.Linear(joint, 1)  # w_p, ASEN's conv2 (1x1, to one channel)
+        # channel attention
+        self.attr_channel = nn.Linear(num_conditions, dim, bias=False)  # A_c, ASEN's mask_fc2
+        self.channel = nn.Sequential(nn.Linear(2 * dim, joint), nn.ReLU(), nn.Linear(joint, dim))  # W_1, W_2: fc1, fc2
 
     def spatial(self, tokens, c):
-        """Softmax attention over the N locations: (B, N)."""
-        joint = torch.tanh(self.feat_proj(tokens)) * torch.tanh(self.attr_proj(self.attr_spatial(c)))[:, None]  # (B, N, D)
-        return torch.softmax(self.score(joint).squeeze(-1), dim=-1)
+        """tokens (B, N, D), c (B,) -> the softmax weights over the N locations, (B, N)."""
+        attr = torch.tanh(self.attr_spatial.weight.t()[c])  # (B, 512): tanh(A_s onehot(c))
+        p = torch.tanh(self.feat_proj(tokens)) * attr[:, None]  # (B, N, 512)
+        return torch.softmax(torch.tanh(self.score(p).squeeze(-1)), dim=-1)  # tanh bounds the logits to [-1, 1]
 
     def forward(self, tokens, c):
-        """tokens (B, N, D) patch tokens, c (B,) -> (B, D) attended feature."""
-        v = (self.spatial(tokens, c)[..., None] * tokens).sum(1)  # (B, D) spatially attended
-        w = torch.sigmoid(self.channel(torch.cat([v, self.attr_channel(c)], dim=-1)))  # (B, D) channel weights
+        """tokens (B, N, D) patch tokens, c (B,) -> (B, D) attended feature u, before the head."""
+        v = torch.einsum("bn,bnd->bd", self.spatial(tokens, c), tokens)  # (B, D): attention-weighted sum
+        q = F.relu(self.attr_channel.weight.t()[c])  # (B, D): ReLU(A_c onehot(c))
+        w = torch.sigmoid(self.channel(torch.cat([v, q], dim=-1)))  # (B, D) channel weights
         return v * w
 
 
@@ -478,8 +510,16 @@ class Baseline(HybridViT):
             emb = self.condition(emb, c)
         return F.normalize(emb.float(), dim=-1)  # "triplet": the condition is not used
 
-    def forward(self, images, conditions):
-        return self.embed_features(self.features(images), conditions)
+    def forward(self, images, conditions, csn_parts=False):
+        """(B, out_dim) unit-norm embeddings. csn_parts=True (TF-CSN only) returns them with what CSN's
+        regularisers need (train.csn_regularisers): the unmasked embedding FC(x_cls) and the mask ReLU(M[c])."""
+        x = self.features(images)
+        if not csn_parts:
+            return self.embed_features(x, conditions)
+        if self.cfg.method != "csn":
+            raise ValueError(f"csn_parts is for method 'csn', not {self.cfg.method!r}")
+        emb, mask = self.head(x[:, 0]), F.relu(self.condition.mask[conditions])  # each (B, out_dim)
+        return F.normalize((emb * mask).float(), dim=-1), emb, mask
 
     def embed_all(self, images):
         x = self.features(images)  # condition-free up to the head: computed once
@@ -693,12 +733,18 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
     """Write weights of any supported layout as a timm-named backbone state dict for `img_size`."""
     model = CCA(CCAConfig(arch=arch, img_size=img_size))
     load_pretrained(model, src)
+    save_backbone(model, dst, os.path.basename(src))
+
+
+def save_backbone(model, dst, source):
+    """Write the model's backbone (backbone_keys) as the .pt that --pretrained reads: {"format": "cca-backbone",
+    "arch", "img_size", "source", "state_dict"}; written to a temporary file, then renamed."""
     state = model.state_dict()
     sd = {k: state[k] for k in model.backbone_keys()}
     tmp = dst + ".tmp"
-    torch.save({"format": "cca-backbone", "arch": arch, "img_size": img_size, "source": os.path.basename(src), "state_dict": sd}, tmp)
+    torch.save({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, tmp)
     os.replace(tmp, dst)
-    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {img_size}")
+    print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {model.cfg.img_size}")
 
 
 def count_parameters(module):

@@ -1,28 +1,48 @@
 """
-The paper's comparison (Table 2) in miniature: every method on the same backbone, data, budget and seed.
+The paper's comparison (Table 2) in miniature: every method on the same backbone, data and budget, over several seeds.
 
-    python compare.py                               # synthetic data, tiny model, CPU: about 50 minutes on 2 cores
+    python compare.py                               # synthetic data, tiny model, 5 methods x seeds 0 1 2: 15 runs
+    python compare.py --seeds 0 1 2 3 4             # more seeds
     python compare.py --methods cca2 triplet        # a subset
     python compare.py --epochs 10                   # a smaller budget for every method
 
 Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with train.py (its defaults for the
-dataset, the same for every method) into OUT_DIR/NAME, scores each best checkpoint on the test split with
-evaluate.py's code, adds a row of random embeddings, and prints a table shaped like the paper's Table 2 with
-the paper's FashionAI totals beside ours. A method whose OUT_DIR/NAME/best.pt exists is not trained again
-(delete it to retrain). Writes OUT_DIR/table.md, OUT_DIR/results.json and OUT_DIR/embeddings.png (CCA Type-2
-beside the Triplet network, the paper's Figure 5).
+dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
+test split with evaluate.py's code, adds a row of random embeddings, and prints a table shaped like the paper's
+Table 2: per attribute and in total, the mean over the seeds with the lowest and highest seed in brackets, the
+paper's FashionAI totals beside. A run whose OUT_DIR/seedS/NAME/best.pt exists is not trained again (delete it to
+retrain). Writes OUT_DIR/table.md, OUT_DIR/results.json (every seed's numbers, and the mean, min, max and standard
+deviation) and OUT_DIR/embeddings.png (CCA Type-2 beside the Triplet network for the first seed, the paper's
+Figure 5).
+
+From a pretrained trunk, in miniature. The paper fine-tunes every method from ImageNet-21k weights; here a trunk is
+pretrained on another image family with its own classes (data.py's shapes set: 8 figures x 3 fills, 24 classes,
+drawn at random colours, sizes and places; no garment, no attribute of the synthetic set), by cross-entropy of a
+linear classifier on [CLS], and saved in the layout `--pretrained` loads:
+
+    python compare.py pretrain --out runs/pretrain/tiny.pt                  # 12,000 images, 10 epochs
+    python compare.py --pretrained runs/pretrain/tiny.pt                    # into runs/compare-pretrained
+
+Every method then starts from that trunk with --trunk-warmup 0, as on real data; everything else is the same.
+`pretrain` prints its accuracy on a held-out draw (chance: 1/24) and writes it into the file's "source" line.
 """
 
 import argparse
 import json
+import math
 import os
+import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import evaluate
 import train
-from data import DATASETS, EVAL_MISSING, EvalItems, chance_map, error_message, prepare_dataset
+from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, save_backbone
+from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
 from evaluate import evaluate_split, load_checkpoint, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -45,73 +65,222 @@ def random_row(root, meta, split, dim, seed, missing="error"):
     return evaluate.mark_incomplete(result, {"query": (q.left_out, q.listed), "candidate": (c.left_out, c.listed)})
 
 
-def table(rows, meta):
+def over_seeds(runs, num_attributes):
+    """Mean, min, max and standard deviation (n - 1; 0 for one seed) over the seeds' results, per attribute and in
+    total: {stat: {"total", "mean_over_attributes", "per_attribute": {a: value}}}, and "incomplete": the seeds' notes
+    of a split scored without some of its images (evaluate.mark_incomplete)."""
+    def stats(values):
+        v = np.array(values, dtype=np.float64)
+        return dict(mean=v.mean(), min=v.min(), max=v.max(), std=v.std(ddof=1) if len(v) > 1 else 0.0)
+    cols = {"total": stats([r["total"] for r in runs]), "mean_over_attributes": stats([r["mean_over_attributes"] for r in runs])}
+    per = {a: stats([r["per_attribute"][a] for r in runs]) for a in range(num_attributes) if all(a in r["per_attribute"] for r in runs)}
+    agg = {s: dict(total=float(cols["total"][s]), mean_over_attributes=float(cols["mean_over_attributes"][s]),
+                   per_attribute={a: float(v[s]) for a, v in per.items()}) for s in ("mean", "min", "max", "std")}
+    return dict(agg, incomplete=sorted({r["incomplete"] for r in runs if "incomplete" in r}))
+
+
+def cell(agg, get, seeds):
+    """'mean' for one seed, else 'mean (min-max)', in per cent."""
+    if get(agg["mean"]) is None:
+        return "n/a"
+    text = f"{100 * get(agg['mean']):.2f}"
+    return text if seeds == 1 else text + f" ({100 * get(agg['min']):.2f}-{100 * get(agg['max']):.2f})"
+
+
+def table(rows, meta, seeds):
     """Markdown table: one row per method, mAP per attribute, the query-weighted total, the paper's total."""
     names = meta["attributes"]
     head = "| method | " + " | ".join(names) + " | total (query-weighted) | mean over attributes | paper, FashionAI total |"
     lines = [head, "|" + "---|" * (len(names) + 4)]
-    for label, r, paper in rows:
-        cells = [f"{100 * r['per_attribute'].get(a, float('nan')):.2f}" for a in range(len(names))]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * r['total']:.2f}** | {100 * r['mean_over_attributes']:.2f} | {paper:.2f} |")
-    notes = sorted({r["incomplete"] for _, r, _ in rows if "incomplete" in r})
+    for label, agg, paper in rows:
+        cells = [cell(agg, lambda r, a=a: r["per_attribute"].get(a), seeds) for a in range(len(names))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{cell(agg, lambda r: r['total'], seeds)}** | "
+                     f"{cell(agg, lambda r: r['mean_over_attributes'], seeds)} | {paper:.2f} |")
+    notes = sorted({n for _, agg, _ in rows for n in agg["incomplete"]})
     return "\n".join(lines + [f"\nIncomplete split: {n}." for n in notes])
 
 
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:
+        return pretrain(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", choices=[d for d in DATASETS if d != "zappos"], help="an mAP dataset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which methods to run")
     p.add_argument("--epochs", type=int, default=None, help="epochs for every method (default: train.py's for the dataset)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="the split scored")
-    p.add_argument("--seed", type=int, default=0, help="the same seed for every method")
-    p.add_argument("--out-dir", default=os.path.join("runs", "compare"), help="where the runs and the table go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="every method is trained once per seed")
+    p.add_argument("--pretrained", default=None, help="start every method from this trunk ('compare.py pretrain' or 'cca.py convert' .pt), "
+                                                      "with --trunk-warmup 0")
+    p.add_argument("--out-dir", default=None, help="where the runs and the table go (default: runs/compare, or runs/compare-pretrained "
+                                                   "with --pretrained)")
     p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
                         "table then marked not comparable with published numbers")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
     args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
+    out_dir = args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare")
     root, meta = prepare_dataset(args.data, args.data_root)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    common = ["--data", args.data, "--data-root", root, "--seed", str(args.seed), "--eval-missing", args.eval_missing] + (
+    common = ["--data", args.data, "--data-root", root, "--eval-missing", args.eval_missing] + (
         ["--epochs", str(args.epochs)] if args.epochs else [])
+    if args.pretrained:
+        common += ["--pretrained", args.pretrained, "--trunk-warmup", "0"]
     if args.device:
         common += ["--device", args.device]
-    rows, results, times = [], {}, {}
-    for name in args.methods:
-        label, flags, paper = METHODS[name]
-        out = os.path.join(args.out_dir, name)
-        ckpt_path = os.path.join(out, "best.pt")
-        if os.path.isfile(ckpt_path):
-            print(f"== {label}: {ckpt_path} exists, not trained again")
-        else:
-            print(f"== {label}: training into {out}")
-            t0 = time.time()
-            train.main(common + flags + ["--out-dir", out] + args.train_args)
-            times[name] = time.time() - t0
-        model, ckpt = load_checkpoint(ckpt_path, device)
-        r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
-        results[name] = dict(label=label, paper_fashionai_total=paper, epochs=ckpt["args"]["epochs"], train_seconds=times.get(name), **r)
-        rows.append((label, r, paper))
-        print(f"{label}: {args.split} total mAP {100 * r['total']:.2f}")
-    rnd = random_row(root, meta, args.split, 1024, args.seed, args.eval_missing)
-    rows.insert(0, ("random embedding", rnd, PAPER_RANDOM))
-    results["random"] = dict(label="random embedding", paper_fashionai_total=PAPER_RANDOM, **rnd)
+    A, t_all = len(meta["attributes"]), time.time()
+    runs = {name: {} for name in ["random"] + args.methods}  # name -> seed -> result
+    for seed in args.seeds:
+        for name in args.methods:
+            label, flags, paper = METHODS[name]
+            out = os.path.join(out_dir, f"seed{seed}", name)
+            ckpt_path = os.path.join(out, "best.pt")
+            seconds = None
+            if os.path.isfile(ckpt_path):
+                print(f"== {label}, seed {seed}: {ckpt_path} exists, not trained again")
+            else:
+                print(f"== {label}, seed {seed}: training into {out}")
+                t0 = time.time()
+                train.main(common + flags + ["--seed", str(seed), "--out-dir", out] + args.train_args)
+                seconds = time.time() - t0
+            model, ckpt = load_checkpoint(ckpt_path, device)
+            r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
+            runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds, **r)
+            print(f"{label}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
+        runs["random"][seed] = random_row(root, meta, args.split, 1024, seed, args.eval_missing)
+
+    results, rows = {}, []
+    for name in runs:
+        label, _, paper = METHODS[name] if name != "random" else ("random embedding", None, PAPER_RANDOM)
+        agg = over_seeds(list(runs[name].values()), A)
+        rows.append((label, agg, paper))
+        results[name] = dict(label=label, paper_fashionai_total=paper, totals={s: r["total"] for s, r in runs[name].items()},
+                             **agg["mean"], **{k: agg[k] for k in ("min", "max", "std")}, seeds=runs[name],
+                             **({"incomplete": agg["incomplete"]} if agg["incomplete"] else {}))
     chance = chance_map(args.data, root, args.split, args.eval_missing)
-    text = table(rows, meta) + f"\n\nChance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}."
+    n = len(args.seeds)
+    text = (table(rows, meta, n) + f"\n\n{args.split} mAP in per cent" + (f", mean over {n} seeds ({', '.join(map(str, args.seeds))}) "
+            "with the lowest and highest seed in brackets" if n > 1 else f", seed {args.seeds[0]}")
+            + (f"; every method from the pretrained trunk {args.pretrained}" if args.pretrained else "; every method from scratch")
+            + f". Chance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}.")
     print("\n" + text)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "table.md"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(dict(data=args.data, split=args.split, chance=chance, methods=results), f, indent=2, default=str)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(dict(data=args.data, split=args.split, chance=chance, seeds=args.seeds, pretrained=args.pretrained, machine=machine(device),
+                       wall_seconds=time.time() - t_all, methods=results), f, indent=2, default=str)
     if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
-        ckpt = lambda name: os.path.join(args.out_dir, name, "best.pt")  # noqa: E731
+        ckpt = lambda name: os.path.join(out_dir, f"seed{args.seeds[0]}", name, "best.pt")  # noqa: E731
         evaluate.main(["--ckpt", ckpt("cca2"), "--compare", ckpt("triplet"), "--embeddings", "--no-score", "--split", args.split,
-                       "--data-root", root, "--out", args.out_dir, "--eval-missing", args.eval_missing]
+                       "--data-root", root, "--out", out_dir, "--eval-missing", args.eval_missing]
                       + (["--device", args.device] if args.device else []))
-    print(f"wrote {args.out_dir}/table.md, results.json")
+    print(f"wrote {out_dir}/table.md, results.json")
+
+
+# -----------------------------------------------------------------------------
+# compare.py pretrain: the tiny backbone pretrained on the shapes set
+
+
+def pretrain(argv=None):
+    """Train every block of the plain hybrid ViT with a linear classifier on [CLS] (after the final norm) to tell the
+    shapes set's 24 classes apart; score it on a held-out draw; save the backbone for --pretrained."""
+    p = argparse.ArgumentParser(prog="compare.py pretrain", description=pretrain.__doc__)
+    p.add_argument("--out", default=os.path.join("runs", "pretrain", "tiny.pt"), help="the backbone file written")
+    p.add_argument("--arch", default="tiny", choices=sorted(ARCH_SIZES), help="backbone size (the comparison's: tiny)")
+    p.add_argument("--img-size", type=int, default=32, help="input size (the comparison's: 32)")
+    p.add_argument("--num-train", type=int, default=12_000, help="training images, drawn once")
+    p.add_argument("--num-test", type=int, default=2_400, help="held-out images (another draw) for the accuracy")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step")
+    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate, after a linear warm-up over the first epoch, "
+                                                          "then a cosine decay to 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and of the weights")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="processes drawing the images (default: the cores, at most 8; the images do not depend on it)")
+    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    args = p.parse_args(argv)
+    for k in ("num_train", "num_test", "epochs", "batch_size", "log_every"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if args.num_train < args.batch_size:
+        p.error(f"--num-train {args.num_train} is less than one batch of {args.batch_size}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.time()
+    x_train, y_train = make_shapes(args.num_train, args.img_size, seed=2 * args.seed, workers=args.workers)
+    x_test, y_test = make_shapes(args.num_test, args.img_size, seed=2 * args.seed + 1, workers=args.workers)
+    print(f"shapes: {args.num_train} training and {args.num_test} held-out images of {len(SHAPE_CLASSES)} classes, "
+          f"{args.img_size} px, drawn in {time.time() - t0:.0f} s")
+
+    torch.manual_seed(args.seed)
+    model = build_model(CCAConfig(arch=args.arch, num_conditions=1, img_size=args.img_size, method="triplet")).to(device)
+    classifier = nn.Linear(model.cfg.sizes["embed_dim"], len(SHAPE_CLASSES)).to(device)  # dropped after pretraining
+    backbone = set(model.backbone_keys())  # all but the unused comparison head
+    params = [p for n, p in model.named_parameters() if n in backbone] + list(classifier.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    steps_per_epoch = args.num_train // args.batch_size
+    total, warmup = args.epochs * steps_per_epoch, steps_per_epoch
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    print(f"model {args.arch}: {count_parameters(model) - count_parameters(model.head):,} backbone parameters; {total} steps of "
+          f"{args.batch_size} on {device}")
+
+    def logits(x):
+        return classifier(model.features(normalise(x.to(device)))[:, 0])
+
+    t_start, step = time.time(), 0
+    for epoch in range(args.epochs):
+        model.train()
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(args.num_train, generator=g)
+        loss_sum, correct, seen, t_log = 0.0, 0, 0, time.time()
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            x, y = x_train[idx], y_train[idx].to(device)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # a mirrored figure keeps its class
+            out = logits(x)
+            loss = F.cross_entropy(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.item() * len(idx)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(idx)
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+                if not math.isfinite(loss_sum):
+                    raise SystemExit(f"error: pretraining loss is {loss_sum} at epoch {epoch + 1} step {i + 1} (lower --lr?)")
+                eta = (time.time() - t_start) / step * (total - step)
+                print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
+                      f"accuracy {correct / seen:.3f} lr {scheduler.get_last_lr()[0]:.2e} {seen / (time.time() - t_log):.0f} img/s "
+                      f"eta {train.fmt_time(eta)}", flush=True)
+                loss_sum, correct, seen, t_log = 0.0, 0, 0, time.time()
+
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([logits(x_test[i:i + 256]).argmax(1).cpu() for i in range(0, args.num_test, 256)])
+    accuracy = (pred == y_test).float().mean().item()
+    seconds = time.time() - t_start
+    print(f"held-out accuracy {100 * accuracy:.2f} (chance {100 / len(SHAPE_CLASSES):.2f}) after {train.fmt_time(seconds)} of training")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_backbone(model.cpu(), args.out, f"compare.py pretrain: shapes set, {len(SHAPE_CLASSES)} classes, {args.num_train} images, "
+                                         f"{args.epochs} epochs, seed {args.seed}; held-out accuracy {accuracy:.4f}")
+    return dict(accuracy=accuracy, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """
 Data for CCA: the four benchmarks in their real file formats, conditioned triplets for training,
-the query/candidate items for evaluation, and a built-in synthetic dataset that needs no download.
+the query/candidate items for evaluation, a built-in synthetic dataset that needs no download, and the shapes set,
+another drawn image family with its own 24 classes, that `python compare.py pretrain` pretrains a trunk on.
 
     python data.py synth --out data/synthetic                  # write the synthetic set (20-40 s on 2 cores)
     python data.py check --data synthetic                      # counts, chance mAP, missing images
@@ -805,6 +806,92 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
         json.dump(meta, f, indent=1)
         f.write("\n")
     print(f"synthetic: {len(jobs)} images of {size}x{size} px in {out} ({time.time() - t0:.1f} s)")
+
+# -----------------------------------------------------------------------------
+# the shapes set: another image family with its own classes, to pretrain a trunk on (compare.py pretrain)
+
+# Single geometric figures, one class per (shape, fill): none is a garment and no class is one of the synthetic
+# set's attributes (colour is random here and no class depends on it). Drawn like the garments (zoomed canvas,
+# LANCZOS down, a grey gradient background, pixel noise), so that a trunk pretrained on them has seen images of
+# the same statistics, as an ImageNet trunk has seen photographs.
+SHAPES = ("disc", "triangle", "square", "star", "cross", "crescent", "half disc", "bar")
+FILLS = ("solid", "outline", "hatched")
+SHAPE_CLASSES = [f"{fill} {shape}" for shape in SHAPES for fill in FILLS]  # class k = (SHAPES[k // 3], FILLS[k % 3])
+
+
+def shape_outline(shape, cx, cy, r, turn):
+    """The figure as a polygon: (x, y) points of a shape of radius r about (cx, cy), rotated by `turn` radians."""
+    if shape == "disc":
+        pts = [(np.cos(t), np.sin(t)) for t in np.linspace(0, 2 * np.pi, 48, endpoint=False)]
+    elif shape == "triangle":
+        pts = [(np.cos(t), np.sin(t)) for t in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]
+    elif shape == "square":
+        pts = [(-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)]
+    elif shape == "star":  # five points, inner radius 0.45
+        pts = [((1 if i % 2 == 0 else 0.45) * np.cos(t), (1 if i % 2 == 0 else 0.45) * np.sin(t))
+               for i, t in enumerate(np.pi / 2 + np.arange(10) * np.pi / 5)]
+    elif shape == "cross":  # a plus sign with arms 0.6 wide
+        a, b = 1.0, 0.3
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+    elif shape == "crescent":  # the unit circle less a circle shifted right: outer arc, then inner arc back
+        outer = [(np.cos(t), np.sin(t)) for t in np.linspace(0.35 * np.pi, 1.65 * np.pi, 32)]
+        inner = [(0.55 + 0.8 * np.cos(t), 0.8 * np.sin(t)) for t in np.linspace(1.55 * np.pi, 0.45 * np.pi, 24)]
+        pts = outer + inner
+    elif shape == "half disc":
+        pts = [(np.cos(t), np.sin(t) + 0.4) for t in np.linspace(np.pi, 2 * np.pi, 32)]
+    else:  # bar: a long thin rectangle
+        pts = [(-1, -0.25), (1, -0.25), (1, 0.25), (-1, 0.25)]
+    c, s = np.cos(turn), np.sin(turn)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def draw_shape(label, rng, size=64, zoom=4):
+    """One figure of class `label` (an index of SHAPE_CLASSES) as a PIL image: random colour, size, place, turn."""
+    shape, fill = SHAPES[label // len(FILLS)], FILLS[label % len(FILLS)]
+    W = size * zoom
+    r = rng.uniform(14, 22) * W / 64
+    cx, cy = (rng.uniform(22, 42, size=2) * W / 64)
+    turn = rng.uniform(0, 2 * np.pi)
+    mask = Image.new("L", (W, W), 0)
+    d = ImageDraw.Draw(mask)
+    d.polygon(shape_outline(shape, cx, cy, r, turn), fill=255)
+    if fill == "outline":  # the same figure at 55% cut out of its middle (a bar keeps a frame; the crescent, a rim)
+        d.polygon(shape_outline(shape, cx, cy, 0.55 * r, turn), fill=0)
+    rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.5, 0.9), rng.uniform(0.6, 0.95))
+    figure = Image.new("RGB", (W, W), tuple(round(255 * c) for c in rgb))
+    if fill == "hatched":  # diagonal lines in a dark shade of the colour, across the figure's own axis
+        axis = np.arange(W, dtype=np.float32) * (64 / W)
+        u = (axis[None, :] * np.cos(turn + np.pi / 4) + axis[:, None] * np.sin(turn + np.pi / 4) + rng.uniform(0, 6)) % 6
+        figure.paste(tuple(round(255 * 0.3 * c) for c in rgb), mask=Image.fromarray((u < 2.5).astype(np.uint8) * 255))
+    g = rng.uniform(*BACKGROUND) + rng.uniform(-0.03, 0.03, size=3)  # the garments' background and noise
+    gx, gy = rng.uniform(-0.08, 0.08, size=2)
+    ramp = np.linspace(-0.5, 0.5, 8)
+    bg = g + gx * ramp[None, :, None] + gy * ramp[:, None, None]  # (8, 8, 3)
+    bg = Image.fromarray((bg.clip(0, 1) * 255).round().astype(np.uint8)).resize((W, W), Image.BILINEAR)
+    img = Image.composite(figure, bg, mask).resize((size, size), Image.LANCZOS)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, NOISE_STD, size=(size, size, 3)).astype(np.float32)
+    return Image.fromarray(noisy.clip(0, 255).round().astype(np.uint8))
+
+
+def _shape_one(job):
+    label, seed, index, img_size = job
+    img = draw_shape(label, np.random.default_rng([seed, index]))
+    if img_size != img.size[0]:  # as read_image brings the synthetic set's 64-px images to the training size
+        img = img.resize((img_size, img_size), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def make_shapes(num_images, img_size=32, seed=0, workers=2):
+    """(images uint8 (n, 3, S, S), labels long (n,)): the shapes set in memory, classes balanced, deterministic in
+    seed whatever the number of workers. Drawn at 64 px and resized to S as the synthetic set is."""
+    labels = np.random.default_rng(seed).permutation(np.arange(num_images) % len(SHAPE_CLASSES))
+    jobs = [(int(k), seed, i, img_size) for i, k in enumerate(labels)]
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            images = pool.map(_shape_one, jobs, chunksize=64)
+    else:
+        images = [_shape_one(job) for job in jobs]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
 
 # -----------------------------------------------------------------------------
 # prepared images: every image of a split decoded once, by read_image, into a uint8 array on disk (data.py prepare)

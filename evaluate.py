@@ -338,11 +338,25 @@ def device_arg(text):
     return text
 
 
+def load_model_state(model, state, path):
+    """model.load_state_dict(state), strict; raises ValueError with one line naming what does not fit, not torch's list."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
+                         (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
+        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
+        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
+                         f"(written by an older cca.py?): {what}{hint}")
+    model.load_state_dict(state)
+
+
 def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
     ckpt = read_checkpoint(path)
     model = build_model(CCAConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 
 

@@ -21,7 +21,9 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 """
 
 import argparse
+import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -35,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
 from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
                   normalise, prepare_dataset)
-from evaluate import CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, read_checkpoint
+from evaluate import (CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, load_model_state,
+                      read_checkpoint)
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
@@ -50,6 +53,8 @@ RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2
 # features before the trunk fills [CLS], which reaches every attribute's embedding, with colour; from scratch only.
 # Its 6,000 training images are decoded once into memory (18 MB) and batched in the training process: a loader
 # worker decoding JPEGs would take one of a laptop's few cores from the model. Validation every 3 epochs.
+# CSN's regularisers for --method csn: the defaults of --embed_loss and --mask_loss in CSN's main.py (csn_regularisers)
+CSN_REG = dict(csn_embed_reg=5e-3, csn_mask_reg=5e-4)
 DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
             cache_images=True, eval_every=3)
 
@@ -85,6 +90,11 @@ def parse_args(argv=None):
                         "block L, the condition token and the head train at the full rate from the start (default: 0; synthetic 625)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     p.add_argument("--margin", type=float, default=None, help="triplet margin m of eq. 9 (default: 0.2, the paper; synthetic 0.1)")
+    p.add_argument("--csn-embed-reg", type=float, default=None,
+                   help="TF-CSN: weight of CSN's penalty on the unmasked embedding's norm (csn_regularisers; default: "
+                        "CSN's 5e-3 for --method csn; 0 turns it off)")
+    p.add_argument("--csn-mask-reg", type=float, default=None,
+                   help="TF-CSN: weight of CSN's L1 penalty on the masks (default: CSN's 5e-4 for --method csn; 0 turns it off)")
     # evaluation
     p.add_argument("--eval-every", type=int, default=None, help="validate every N epochs and after the last (default: 1; synthetic 3)")
     p.add_argument("--eval-batch-size", type=int, default=128, help="images per batch when embedding the validation split")
@@ -136,6 +146,12 @@ def parse_args(argv=None):
         p.error(f"--lr must be positive, got {args.lr}")
     if args.margin < 0:
         p.error(f"--margin must be at least 0, got {args.margin}")
+    for k in CSN_REG:  # their defaults are set in train(), where the method is known (also on --resume)
+        flag, v = f"--{k.replace('_', '-')}", getattr(args, k)
+        if v is not None and v < 0:
+            p.error(f"{flag} must be at least 0, got {v}")
+        if v is not None and args.method != "csn" and not args.resume:
+            p.error(f"{flag} is for --method csn, not {args.method}")
     return args
 
 
@@ -162,16 +178,36 @@ def setup(device_arg):
 
 
 def cleanup(finished):
-    """Tear the process group down. After a finished run every rank first waits at a barrier: no rank exits while
-    rank 0 still validates and saves, and gloo's worker thread can drop the tensors of the last all_gather (which
-    needs the GIL) while the interpreter is still running. A rank that reached interpreter exit within milliseconds
-    of its last all_gather aborted with "terminate called without an active exception": that thread asked a
-    finalizing interpreter for the GIL (docs/LOG.md has the backtrace). After an error there is no barrier: the other
-    ranks may never reach it."""
+    """Tear the process group down. After a finished run every rank first waits at a barrier, so that no rank
+    leaves while rank 0 still validates and saves. After an error there is no barrier: the other ranks may never
+    reach it."""
     if dist.is_initialized():
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(main):
+    """Run a command's main; under torchrun, leave with os._exit once it has returned, after flushing the output.
+
+    A rank must not go through the interpreter's finalization: gloo's worker threads outlive
+    destroy_process_group, and one that drops the last reference to a collective's Python-owned tensors (the last
+    all_gather or all_reduce) asks for the GIL; during finalization Python ends such a thread with pthread_exit,
+    which unwinds through a noexcept destructor and aborts the whole process ("terminate called without an
+    active exception", SIGABRT) after the run has finished. docs/LOG.md has the backtrace. Everything the run
+    writes (checkpoints, JSON) is complete and renamed into place before main returns."""
+    if "RANK" not in os.environ:  # one process, no process group: an ordinary exit
+        return main()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # main's one-line errors and argparse's exits
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print0(*a, **kw):
@@ -188,6 +224,33 @@ def triplet_loss(a, p, n, margin):
     = max(0, cos(a, n) - cos(a, p) + m). Also returns the fraction of triplets ranked right."""
     cos_ap, cos_an = (a * p).sum(-1), (a * n).sum(-1)
     return F.relu(cos_an - cos_ap + margin).mean(), (cos_ap > cos_an).float().mean()
+
+
+def csn_regularisers(emb, mask, embed_weight, mask_weight):
+    """CSN's two penalties (Veit et al., CVPR 2017; their main.py, csn.py, tripletnet.py), in their form:
+
+        embed_weight * mean_t ||E_t||_F / sqrt(B)  +  mask_weight * ||ReLU(M[c])||_1 / B
+
+    emb (3, B, d): FC(x_cls) of anchors, positives and negatives, before the mask and before the L2 norm (E_t,
+    CSN's embeddingnet output); mask (3, B, d): ReLU(M[c]), the same rows for the three. ||E_t||_F / sqrt(B) is
+    the root mean square of the per-image norms (not squared), averaged over the three images as CSN does; the
+    mask's L1 norm is summed over the batch and divided by B. CSN's defaults are 5e-3 and 5e-4 (CSN_REG).
+
+    Where they apply, and what they do here. CSN compares masked embeddings by Euclidean distance, unnormalised:
+    there the embedding penalty keeps the embeddings in a ball (scaling them up would meet any margin) and the
+    L1 term makes the masks sparse. TF-CSN compares l2(FC(x_cls) * ReLU(M[c])) by cosine (paper eq. 9), so a
+    penalty on the output would be a constant (its norm is 1): the penalties go where CSN puts them, on the
+    embedding before the mask and on the mask. The triplet loss is unchanged when either is scaled, so neither
+    trades against the margin as in CSN; they shrink the scale of FC(x_cls) and of the masks (which, for a
+    scale-free loss, sets how large each Adam step is relative to them, as weight decay does on a normalised
+    layer) and the L1 term still drives the mask entries the triplet loss does not need to zero, CSN's sparse
+    masks. Both act on the method's own parts with values that are CSN's defaults, not tuned per dataset, so we
+    count them as part of the method and use them for --method csn (train.py --csn-embed-reg, --csn-mask-reg).
+    """
+    B = emb.shape[1]
+    embed = emb.float().flatten(1).norm(dim=1).mean() / math.sqrt(B)  # mean over (a, p, n) of ||E_t||_F / sqrt(B)
+    l1 = mask.float().abs().sum() / (3 * B)  # ||ReLU(M[c])||_1 / B, the three copies averaged
+    return embed_weight * embed + mask_weight * l1
 
 
 def param_groups(model):
@@ -209,12 +272,19 @@ def lr_text(optimizer):
     return f"{rest:.2e}" if trunk == rest else f"{rest:.2e} (trunk {trunk:.2e})"
 
 
-def train_step(model, optimizer, a, p, n, c, margin, use_amp):
-    """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors."""
-    x = torch.cat([a, p, n])  # (3B, 3, S, S): one forward for all three
+def train_step(model, optimizer, a, p, n, c, margin, use_amp, csn_reg=None):
+    """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors.
+    csn_reg: (embed weight, mask weight) of csn_regularisers for TF-CSN, or None."""
+    B, x = a.shape[0], torch.cat([a, p, n])  # (3B, 3, S, S): one forward for all three
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        f = model(x, c.repeat(3)).view(3, a.shape[0], -1)  # all three embedded under the triplet's condition
+        if csn_reg:  # TF-CSN's penalties need the unmasked embeddings and the masks too
+            f, emb, mask = model(x, c.repeat(3), csn_parts=True)
+        else:
+            f = model(x, c.repeat(3))  # all three embedded under the triplet's condition
+    f = f.view(3, B, -1)
     loss, acc = triplet_loss(f[0], f[1], f[2], margin)
+    if csn_reg:
+        loss = loss + csn_regularisers(emb.view(3, B, -1), mask.view(3, B, -1), *csn_reg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -342,7 +412,7 @@ def train(args, rank, world, device):
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)  # stepped once per epoch
     start_epoch, best, history = 0, -1.0, []
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        load_model_state(model, resume["model"], args.resume)
         if len(resume["optimizer"]["param_groups"]) != len(optimizer.param_groups):
             raise ValueError(f"{args.resume}: written by an older train.py with one learning-rate group; it cannot be resumed, "
                              "but evaluate.py still scores it")
@@ -379,6 +449,12 @@ def train(args, rank, world, device):
     chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     use_amp = device.type == "cuda"
+    for k, v in CSN_REG.items():  # CSN's values for TF-CSN, 0 for the other methods; recorded in the checkpoint's args
+        if getattr(args, k) is None:
+            setattr(args, k, v if cfg.method == "csn" else 0.0)
+        elif getattr(args, k) and cfg.method != "csn":
+            raise ValueError(f"--{k.replace('_', '-')} is for method csn; {args.resume} is method {cfg.method}")
+    csn_reg = (args.csn_embed_reg, args.csn_mask_reg) if cfg.method == "csn" and (args.csn_embed_reg or args.csn_mask_reg) else None
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
 
     t_start, done_steps = time.time(), 0
@@ -412,7 +488,7 @@ def train(args, rank, world, device):
             if channels_last:
                 a, p, n = (t.contiguous(memory_format=torch.channels_last) for t in (a, p, n))
             set_trunk_lr(optimizer, epoch * steps + step, args.trunk_warmup)
-            loss, acc = train_step(model, optimizer, a, p, n, c, args.margin, use_amp)
+            loss, acc = train_step(model, optimizer, a, p, n, c, args.margin, use_amp, csn_reg)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), epoch * steps + step, first_bad)
             loss_sum += loss  # accumulated on the device: no host sync inside the step
             acc_sum += acc
@@ -461,4 +537,4 @@ def train(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    exit_rank(main)

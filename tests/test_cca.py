@@ -534,6 +534,62 @@ def test_asen_baseline_attends_per_condition():
         baseline("triplet").attention_maps(x, c)
 
 
+def asenet_written_out(model, images, c):
+    """ASEN's ASENet (Ma et al., AAAI 2020) on the last layer's tokens, from its equations with plain tensor ops:
+    the tokens laid out as a (B, D, h, w) map, 1x1 convs as conv2d, the attribute as a one-hot times a matrix."""
+    m = model.condition
+    tokens = model.norm(model.blocks[-1](model.trunk(images)))[:, 1:]  # (B, N, D) after the final norm
+    B, N, D = tokens.shape
+    g = math.isqrt(N)
+    fmap = tokens.transpose(1, 2).reshape(B, D, g, g)  # the patch grid as ASEN's feature map
+    a = F.one_hot(c, model.cfg.num_conditions).float()  # (B, K)
+    # spatial: tanh(conv1(I)) * tanh(mask_fc1(a)), conv2 to one channel, tanh, softmax over the h*w locations
+    img = torch.tanh(F.conv2d(fmap, m.feat_proj.weight[:, :, None, None], m.feat_proj.bias))  # (B, 512, g, g)
+    attr = torch.tanh(a @ m.attr_spatial.weight.t())  # (B, 512)
+    logit = torch.tanh(F.conv2d(img * attr[:, :, None, None], m.score.weight[:, :, None, None], m.score.bias))  # (B, 1, g, g)
+    att = torch.exp(logit.flatten(1)) / torch.exp(logit.flatten(1)).sum(1, keepdim=True)  # (B, g*g)
+    v = (fmap * att.view(B, 1, g, g)).sum((2, 3))  # (B, D)
+    # channel: ReLU(mask_fc2(a)) beside the pooled feature, fc1, ReLU, fc2, sigmoid, times the pooled feature
+    q = torch.relu(a @ m.attr_channel.weight.t())
+    fc1, fc2 = m.channel[0], m.channel[2]
+    hidden = torch.relu(torch.cat([v, q], 1) @ fc1.weight.t() + fc1.bias)
+    u = v * torch.sigmoid(hidden @ fc2.weight.t() + fc2.bias)
+    f = u @ model.head.weight.t() + model.head.bias  # feature_fc
+    return f / f.pow(2).sum(1, keepdim=True).sqrt(), att  # l2norm
+
+
+def test_asen_equals_asenet_written_out():
+    model = baseline("asen")
+    x, c = torch.randn(3, 3, 64, 64), torch.tensor([0, 4, 2])
+    with torch.no_grad():
+        expected, att = asenet_written_out(model, x, c)
+        torch.testing.assert_close(model(x, c), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.attention_maps(x, c)[:, 0], att, atol=1e-6, rtol=1e-5)
+    # ASEN's widths: 512 in the attention, the token width D where the feature is
+    m, D = model.condition, model.cfg.sizes["embed_dim"]
+    assert (m.feat_proj.out_features, m.attr_spatial.out_features, m.channel[0].out_features) == (512, 512, 512)
+    assert (m.attr_channel.out_features, m.channel[2].out_features, m.channel[0].in_features) == (D, D, 2 * D)
+    assert m.attr_spatial.bias is None and m.attr_channel.bias is None
+
+
+def test_asen_spatial_attention_is_bounded_by_the_tanh():
+    model = baseline("asen")
+    m, N = model.condition, model.cfg.grid ** 2
+    bound = math.e ** 2 / (math.e ** 2 + N - 1)  # tanh keeps every logit in [-1, 1]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1e4)  # weights far beyond any trained value: every tanh saturates
+        tokens, c = 10 * torch.randn(4, N, model.cfg.sizes["embed_dim"]), torch.tensor([0, 1, 2, 3])
+        assert m.spatial(tokens, c).max() <= bound * (1 + 1e-6)
+        # the bound is reached: one location opposite to all the others gets logit +1 and they -1, or the reverse
+        m.feat_proj.bias.zero_()
+        m.score.bias.zero_()
+        tokens = torch.ones(4, N, tokens.shape[-1])
+        tokens[:, 5] = -1
+        s = torch.maximum(m.spatial(tokens, c)[:, 5], m.spatial(-tokens, c)[:, 5])
+    torch.testing.assert_close(s, torch.full((4,), bound))
+
+
 @pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
 def test_pretrained_backbone_loads_into_every_method(tmp_path, method):
     sd = backbone_state(tiny(seed=1))

@@ -462,6 +462,16 @@ def test_synthetic_is_deterministic(synth, tmp_path):
     assert c["label_train.txt"] != a["label_train.txt"] and c["images/train/00000.jpg"] != a["images/train/00000.jpg"]
 
 
+def test_shapes_set_is_deterministic_balanced_and_apart_from_the_synthetic_set():
+    x, y = data.make_shapes(48, img_size=16, seed=5, workers=1)
+    assert x.shape == (48, 3, 16, 16) and x.dtype == torch.uint8
+    assert (torch.bincount(y, minlength=24) == 2).all()  # 24 classes, balanced
+    x2, y2 = data.make_shapes(48, img_size=16, seed=5, workers=2)  # other worker count, same pixels
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(data.make_shapes(48, img_size=16, seed=6, workers=1)[0], x)
+    assert len(data.SHAPE_CLASSES) == 24 and not set(data.SHAPE_CLASSES) & {v for vs in data.SYNTH_ATTRIBUTES.values() for v in vs}
+
+
 def test_synthetic_is_asen_format(synth):
     root, meta = data.prepare_dataset("synthetic", synth)
     A = len(meta["attributes"])

@@ -1,6 +1,7 @@
 """End-to-end tests of train.py and evaluate.py on a small synthetic dataset (CPU, 32 px, tiny model)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -10,10 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import evaluate
 import train
-from cca import CCA, CCAConfig
+from cca import CCA, CCAConfig, build_model
 from data import ASEN_FILES, make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,9 +201,32 @@ def test_triplet_loss_is_eq9_with_cosine_distance():
     assert loss.item() == pytest.approx(0.2) and acc.item() == 0.5
 
 
+def test_csn_loss_with_its_regularisers_equals_the_written_out_form():
+    torch.manual_seed(0)
+    model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="csn"))
+    a, p, n = (torch.randn(4, 3, 32, 32) for _ in range(3))
+    c = torch.tensor([0, 3, 3, 1])
+    # CSN's form (its main.py and csn.py): each image of the triplet embedded on its own; the Frobenius norm of a
+    # (B, d) batch of unmasked embeddings over sqrt(B), averaged over the three; the L1 norm of the masks over B
+    with torch.no_grad():
+        E = [model.head(model.norm(model.blocks[-1](model.trunk(t)))[:, 0]) for t in (a, p, n)]
+        mask = torch.relu(model.condition.mask[c])
+        fa, fp, fn = (F.normalize(e * mask, dim=-1) for e in E)
+        triplet = torch.clamp((fa * fn).sum(1) - (fa * fp).sum(1) + 0.1, min=0).mean()
+        embed = sum(torch.sqrt((e ** 2).sum()) for e in E) / 3 / math.sqrt(4)
+        l1 = mask.abs().sum() / 4
+    expected = triplet + 5e-3 * embed + 5e-4 * l1
+    assert 5e-3 * embed > 1e-4 and 5e-4 * l1 > 1e-4  # both terms count
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False, csn_reg=(5e-3, 5e-4))
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
+    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False)  # without: the triplet loss alone
+    torch.testing.assert_close(loss, triplet, atol=1e-6, rtol=1e-5)
+
+
 def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"], ["--trunk-warmup", "-1"],
-                ["--condition-type", "3"]):
+                ["--condition-type", "3"], ["--csn-mask-reg", "1e-3"], ["--method", "csn", "--csn-embed-reg", "-1"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
@@ -219,6 +244,16 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
     torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
     with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
         train.main(common(synth, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
+    # a TF-ASEN checkpoint from before ASEN's module was followed: one line naming the keys, no traceback
+    sd = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen")).state_dict()
+    sd = {k: v for k, v in sd.items() if not k.startswith("condition.")}
+    sd.update({"condition.attr_spatial.weight": torch.zeros(5, 128), "condition.attr_proj.weight": torch.zeros(128, 128)})
+    torch.save(dict(model=sd, config=dict(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen"), meta={}, args={},
+                    epoch=0), tmp_path / "old_asen.pt")
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "old_asen.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "old_asen.pt: the weights do not fit the asen model" in r.stderr and "condition.attr_proj.weight" in r.stderr
+    assert "condition.attr_spatial.weight (5, 128) vs (512, 5)" in r.stderr and "retrain" in r.stderr
 
 
 def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
@@ -259,6 +294,7 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
     train.main(common(synth, tmp_path) + ["--epochs", "1", "--method", method])
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
     assert ckpt["config"]["method"] == method
+    assert (ckpt["args"]["csn_embed_reg"], ckpt["args"]["csn_mask_reg"]) == ((5e-3, 5e-4) if method == "csn" else (0, 0))  # CSN's
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0"])
     assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
 
@@ -277,19 +313,63 @@ def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):  #
     assert ckpt["meta"]["format"] == "zappos" and 0 <= result["total"] <= 1
 
 
-def test_compare_prints_the_table_with_a_random_row(synth, tmp_path, capsys):
+def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth, tmp_path, capsys):
     import compare
 
-    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--out-dir", str(tmp_path),
-                  "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "16", "--workers", "0"])
+    tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
+    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--seeds", "0", "1",
+                  "--out-dir", str(tmp_path), "--train-args"] + tiny)
     out = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["random embedding", "Triplet network", "CCA (Type-2)"]
+    rows = [line.split("|") for line in table.splitlines()[2:5]]
+    assert [r[1].strip() for r in rows] == ["random embedding", "Triplet network", "CCA (Type-2)"]
     results = json.load(open(tmp_path / "results.json"))
-    assert set(results["methods"]) == {"random", "triplet", "cca2"}
-    ckpt = torch.load(tmp_path / "cca2" / "best.pt", weights_only=True)
-    assert results["methods"]["cca2"]["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)  # scored like evaluate.py
+    assert set(results["methods"]) == {"random", "triplet", "cca2"} and results["seeds"] == [0, 1]
+    cca2 = results["methods"]["cca2"]
+    for seed in (0, 1):  # each seed's run is its own, scored like evaluate.py
+        ckpt = torch.load(tmp_path / f"seed{seed}" / "cca2" / "best.pt", weights_only=True)
+        assert ckpt["args"]["seed"] == seed
+        assert cca2["totals"][str(seed)] == pytest.approx(ckpt["best_metric"], abs=1e-9)
+    totals = [cca2["totals"]["0"], cca2["totals"]["1"]]
+    assert totals[0] != totals[1]  # two seeds, two runs
+    assert cca2["total"] == pytest.approx(sum(totals) / 2) and (cca2["min"]["total"], cca2["max"]["total"]) == (min(totals), max(totals))
+    assert cca2["std"]["total"] == pytest.approx(abs(totals[0] - totals[1]) / math.sqrt(2))
+    assert f"**{100 * cca2['total']:.2f} ({100 * min(totals):.2f}-{100 * max(totals):.2f})**" in rows[2][-4]
+    assert "mean over 2 seeds (0, 1)" in table and "from scratch" in table
     assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
+    # a second call trains nothing: every (method, seed) has its best.pt
+    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "1",
+                  "--out-dir", str(tmp_path), "--train-args"] + tiny)
+    assert "seed1/triplet/best.pt exists, not trained again" in capsys.readouterr().out
+
+
+def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth, tmp_path):
+    import compare
+    from cca import load_pretrained
+
+    path = str(tmp_path / "pre" / "tiny.pt")
+    result = compare.main(["pretrain", "--out", path, "--num-train", "64", "--num-test", "24", "--epochs", "1", "--batch-size", "32",
+                           "--workers", "1"])
+    assert 0 <= result["accuracy"] <= 1
+    saved = torch.load(path, weights_only=True)
+    assert (saved["format"], saved["arch"], saved["img_size"]) == ("cca-backbone", "tiny", 32) and "shapes" in saved["source"]
+    torch.manual_seed(0)  # the pretraining's initial weights: pretraining moved them
+    init = build_model(CCAConfig(arch="tiny", num_conditions=1, img_size=32, method="triplet")).state_dict()
+    assert not torch.allclose(saved["state_dict"]["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])
+    for method, ctype in (("cca", 1), ("cca", 2), ("triplet", 2), ("csn", 2), ("asen", 2)):
+        model = build_model(CCAConfig(arch="tiny", num_conditions=5, condition_type=ctype, img_size=32, out_dim=16, method=method))
+        report = load_pretrained(model, path, verbose=False)
+        own = model.state_dict()
+        assert report["new"] == [k for k in own if k.startswith(("condition.", "head."))] and report["new"]
+        assert report["loaded"] == [k for k in own if not k.startswith(("condition.", "head."))] and not report["resized"]
+        assert sorted(report["loaded"]) == sorted(saved["state_dict"]) and not report["dropped"]
+        assert all(torch.equal(own[k], saved["state_dict"][k]) for k in report["loaded"])
+    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "0", "--pretrained", path,
+                  "--out-dir", str(tmp_path / "cmp"), "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8",
+                  "--num-triplets", "16", "--workers", "0"])
+    ckpt = torch.load(tmp_path / "cmp" / "seed0" / "triplet" / "best.pt", weights_only=True)
+    assert (ckpt["args"]["pretrained"], ckpt["args"]["trunk_warmup"]) == (path, 0)
+    assert "from the pretrained trunk" in (tmp_path / "cmp" / "table.md").read_text()
 
 
 def test_missing_images_are_reported_up_front(synth, tmp_path, capsys):
@@ -362,10 +442,10 @@ def test_compare_table_marks_an_incomplete_split():
     import compare
 
     r = {"per_attribute": {0: 0.5, 1: 0.25}, "total": 0.4, "mean_over_attributes": 0.375}
-    complete = compare.table([("x", dict(r), 1.0)], {"attributes": ["a", "b"]})
+    complete = compare.table([("x", compare.over_seeds([dict(r)], 2), 1.0)], {"attributes": ["a", "b"]}, 1)
     assert "comparable" not in complete
     r = evaluate.mark_incomplete(r, {"query": (1, 10), "candidate": (0, 5)})
-    assert compare.table([("x", r, 1.0)], {"attributes": ["a", "b"]}) == complete + (
+    assert compare.table([("x", compare.over_seeds([r], 2), 1.0)], {"attributes": ["a", "b"]}, 1) == complete + (
         "\n\nIncomplete split: not comparable with published numbers: 1 of 10 queries and 0 of 5 candidates left out, "
         "their images missing (--eval-missing drop).")
 
