@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from data import IMAGE_EXTENSIONS, load_image, load_meta, read_filenames, read_labels
 from evaluate import device_arg, gather_by_index, load_checkpoint, shard
-from train import cleanup, setup
+from train import cleanup, exit_rank, setup
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -578,4 +578,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_rank(main)  # under torchrun: os._exit after main, never the interpreter's finalization (train.exit_rank)
