@@ -7,6 +7,7 @@ another drawn image family with its own 24 classes, that `python compare.py pret
     python data.py check --data synthetic                      # counts, chance mAP, missing images
     python data.py check --data fashionai --data-root data/fashionai
     python data.py prepare --data fashionai --img-size 224     # decode every image once, into prepared/ arrays
+    python data.py import catalogue.csv --out data/shop         # your own labels -> the ASEN format (--data custom)
 
 Formats (SPEC sections 3 and 4):
 - fashionai, darn, deepfashion (ASEN's split): filenames_{train,valid,test}.txt (one relative image path
@@ -15,9 +16,12 @@ Formats (SPEC sections 3 and 4):
 - zappos (CSN's split): filenames.json (plain text, one path a line, relative to ut-zap50k-images/) and
   tripletlists/{class,closure,gender,heel}_tripletlist_{train,val,test}.txt, lines `anchor far close`.
 - synthetic: drawn by this file and written in exactly the ASEN format, so one code path loads both.
+- custom: a folder that `data.py import` wrote from a CSV of labels (path,attribute,value rows, or one column per
+  attribute; or FashionAI's Annotations/label.csv), in the ASEN format, meta.json with the value names.
 """
 import argparse
 import colorsys
+import csv
 import hashlib
 import json
 import multiprocessing
@@ -25,12 +29,13 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-DATASETS = ("synthetic", "fashionai", "darn", "deepfashion", "zappos")
+DATASETS = ("synthetic", "fashionai", "darn", "deepfashion", "zappos", "custom")  # custom: written by data.py import
 MEAN = STD = (0.5, 0.5, 0.5)  # the R50+ViT-B/16 weights expect pixels in [-1, 1] (SPEC 1), not ImageNet stats
 
 # the sections of ASEN's combined meta.json
@@ -46,6 +51,7 @@ HINTS = {
     "zappos": "filenames.json and tripletlists/ come from CSN's repository "
               "(github.com/andreasveit/conditional-similarity-networks); the images are UT Zappos50K's "
               "ut-zap50k-images/",
+    "custom": "write the folder from a CSV of labels with: python data.py import CATALOGUE.csv --out DIR",
 }
 
 # FashionAI's value names (reference/fashionai_meta_with_value_names.json); ASEN's meta.json has only the counts.
@@ -72,7 +78,7 @@ ASEN_ATTRIBUTES = {
     "deepfashion": ["texture-related", "fabric-related", "shape-related", "part-related", "style-related"],
 }
 TITLES = {"synthetic": "the synthetic set", "fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion",
-          "zappos": "UT Zappos50K"}
+          "zappos": "UT Zappos50K", "custom": "an imported catalogue"}
 
 # -----------------------------------------------------------------------------
 # meta: attribute names and value names, a plain dict (it is saved inside checkpoints)
@@ -137,6 +143,8 @@ def identify(root):
         return []
     if "SYNTHETIC_VERSION" in raw or raw.get("ATTRIBUTES_VALUES") == SYNTH_ATTRIBUTES:
         return ["synthetic"]
+    if "IMPORTED_FROM" in raw:  # written by data.py import
+        return ["custom"]
     if isinstance(raw.get("ATTRIBUTES"), list):  # one dataset's meta: its attribute names tell which, if known
         found = [n for n, attrs in ASEN_ATTRIBUTES.items() if set(attrs) == {str(a) for a in raw["ATTRIBUTES"]}]
         return found or list(ASEN_SECTIONS)
@@ -147,7 +155,8 @@ def identify(root):
 
 def looks_like(root, found):
     """'ROOT looks like DARN (ASEN's split files)', for an error message."""
-    form = "CSN's triplet lists" if found == ["zappos"] else "drawn by data.py" if found == ["synthetic"] else "ASEN's split files"
+    form = {"zappos": "CSN's triplet lists", "synthetic": "drawn by data.py", "custom": "written by data.py import"}.get(
+        found[0] if len(found) == 1 else None, "ASEN's split files")
     return f"{root} looks like {' or '.join(TITLES[n] for n in found)} ({form})"
 
 
@@ -185,7 +194,7 @@ def prepare_dataset(name, root=None):
                                         f"remove it or choose another --data-root") from None
     for path in required_files(name, root):
         if not os.path.isfile(path):
-            hint = "" if name == "synthetic" else "; " + HINTS["zappos" if name == "zappos" else "asen"]
+            hint = "" if name == "synthetic" else "; " + HINTS.get(name, HINTS["asen"])
             if found and name not in found:
                 hint = f"; {looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found)
             raise FileNotFoundError(f"{name}: missing {path}{hint}")
@@ -1088,7 +1097,7 @@ def check(name, root, decode=False):
         if found and name not in found:
             print(f"{looks_like(root, found)}: add " + " or ".join(f"--data {n}" for n in found))
         else:
-            print(HINTS["zappos" if name == "zappos" else "asen"] if name != "synthetic" else
+            print(HINTS.get(name, HINTS["asen"]) if name != "synthetic" else
                   "create it with: python data.py synth --out " + root)
         return 1
     meta = load_meta(name, root)
@@ -1120,11 +1129,13 @@ def check(name, root, decode=False):
                 line += f"{f'{q.sum()}/{c.sum()}':>14}{chance[s][q].mean() if q.any() else 0:>8.3f}"
             print(line)
         for s, t in table.items():
-            fids = np.concatenate([t["query"][:, 0], t["candidate"][:, 0]])
-            dup = len(fids) - len(np.unique(fids))
+            # an image listed twice under one attribute (as a query and a candidate, say) would find itself;
+            # under two attributes it is two items (data.py import lists an image under each of its labels)
+            pairs = np.concatenate([t["query"][:, :2], t["candidate"][:, :2]])
+            dup = len(pairs) - len(np.unique(pairs, axis=0))
             print(f"{s}: {len(t['query'])} queries, {len(t['candidate'])} candidates, "
                   f"chance mAP {chance[s].mean():.4f} (query-weighted)"
-                  + (f"; warning: {dup} images listed twice" if dup else ""))
+                  + (f"; warning: {dup} images listed twice under one attribute" if dup else ""))
     # every listed image: present, and an image (header parse; --decode decodes each one fully)
     absent, unreadable = [], []
     for i, p in enumerate(paths):
@@ -1144,6 +1155,305 @@ def check(name, root, decode=False):
     ok = not (errors or absent or unreadable)
     print("OK" if ok else "PROBLEMS FOUND")
     return 0 if ok else 1
+
+# -----------------------------------------------------------------------------
+# data.py import: a catalogue's CSV of labels -> the ASEN-format folder that the rest of the project reads
+#
+# Two layouts, told apart by the header: long (`path,attribute,value`, one label a row) and wide
+# (`path,<attribute 1>,<attribute 2>,...`, an empty cell meaning "not labelled"); values are names. FashionAI's
+# own Annotations/label.csv (`path,attribute,ynnn...`, no header) imports with format "fashionai".
+
+IMPORT_FORMATS = ("auto", "long", "wide", "fashionai")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # search.py's folder walk too
+QUERY_SHARE = 0.2  # within valid and test, per attribute: one query to four candidates (ASEN's 3,600 / 14,400)
+
+
+def _fashionai_row(fields):
+    """(attribute, value index, value names) of a FashionAI label row, or a message saying what is wrong.
+    The value is the position of the one 'y'; 'm' marks a "maybe" and is not the value."""
+    if len(fields) != 3:
+        return f"expected 'path,attribute,labels', got {len(fields)} fields"
+    attr, marks = fields[1].strip(), fields[2].strip().lower()
+    attr = attr[:-len("_labels")] if attr.endswith("_labels") else attr  # FashionAI writes "skirt_length_labels"
+    if not marks or set(marks) - set("ynm") or marks.count("y") != 1:
+        return f"labels must be a string of y/n/m with exactly one 'y', got {fields[2]!r}"
+    names = FASHIONAI_VALUE_NAMES.get(attr) or [f"value {j}" for j in range(len(marks))]
+    if len(marks) != len(names):
+        return f"{attr} has {len(names)} values, the labels string has {len(marks)} marks"
+    return attr, marks.index("y"), names
+
+
+def read_catalogue(csv_path, fmt="auto"):
+    """Read a catalogue CSV (UTF-8 with or without a byte-order mark, any line ends, quoted fields).
+    Returns dict(format, attributes (in the file's order), values ({attribute: value names} for FashionAI, else
+    None: the names are the sorted set seen), labels [(line, path, attribute, value name)], bad [messages])."""
+    if fmt not in IMPORT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {IMPORT_FORMATS}")
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]  # line_num: the row's (last) line in the file
+    except FileNotFoundError:
+        raise FileNotFoundError(f"catalogue not found: {csv_path}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{csv_path}: not a UTF-8 CSV file: {e}") from None
+    rows = [(n, row) for n, row in rows if any(cell.strip() for cell in row)]  # blank lines
+    if not rows:
+        raise ValueError(f"{csv_path}: empty: expected a header (path,attribute,value or path,<attribute>,...) and rows")
+    n0, head = rows[0]
+    header = [h.strip() for h in head]
+    if fmt == "auto":
+        if [h.lower() for h in header] == ["path", "attribute", "value"]:
+            fmt = "long"
+        elif len(header) == 3 and not isinstance(_fashionai_row(head), str):
+            fmt = "fashionai"  # a label row where a header would be: FashionAI's file has none
+        else:
+            fmt = "wide"
+    labels, bad, attributes, values = [], [], [], None
+    if fmt == "fashionai":
+        values = {}
+        if isinstance(_fashionai_row(head), str):  # a header line someone added
+            rows = rows[1:]
+        for n, row in rows:
+            got = _fashionai_row(row)
+            if isinstance(got, str):
+                bad.append(f"{csv_path}:{n}: {got}")
+                continue
+            attr, v, names = got
+            if len(values.get(attr, names)) != len(names):
+                bad.append(f"{csv_path}:{n}: {attr} had {len(values[attr])} marks on earlier rows, {len(names)} here")
+                continue
+            if attr not in values:
+                attributes.append(attr)
+                values[attr] = names
+            labels.append((n, row[0].strip(), attr, names[v]))
+    elif fmt == "long":
+        if [h.lower() for h in header] != ["path", "attribute", "value"]:
+            raise ValueError(f"{csv_path}:{n0}: the long layout's header is 'path,attribute,value', got {','.join(head)!r}")
+        for n, row in rows[1:]:
+            if len(row) != 3:
+                bad.append(f"{csv_path}:{n}: expected 3 fields (path,attribute,value), got {len(row)}")
+                continue
+            path, attr, value = (c.strip() for c in row)
+            if not attr:
+                bad.append(f"{csv_path}:{n}: no attribute")
+                continue
+            if attr not in attributes:
+                attributes.append(attr)
+            labels.append((n, path, attr, value))
+    else:  # wide
+        attributes = header[1:]
+        if not attributes or not all(attributes) or len(set(attributes)) != len(attributes):
+            raise ValueError(f"{csv_path}:{n0}: the wide layout's header is path,<attribute>,<attribute>,... with distinct, "
+                             f"non-empty names (or 'path,attribute,value' for the long layout), got {','.join(head)!r}")
+        for n, row in rows[1:]:
+            if len(row) > len(header):
+                bad.append(f"{csv_path}:{n}: {len(row)} fields, the header has {len(header)}")
+                continue
+            cells = [c.strip() for c in row] + [""] * (len(header) - len(row))  # spreadsheets drop trailing blanks
+            labels += [(n, cells[0], a, v) for a, v in zip(attributes, cells[1:])]
+    kept = []
+    for n, path, attr, value in labels:
+        if not path:
+            bad.append(f"{csv_path}:{n}: no path")
+        elif "\n" in path or "\r" in path:
+            bad.append(f"{csv_path}:{n}: a line break inside the path {path!r}")
+        elif value:  # an empty value is "not labelled"
+            kept.append((n, os.path.normpath(path), attr, value))  # "./a.jpg" and "a.jpg" are one image
+    return dict(format=fmt, attributes=attributes, values=values, labels=kept, bad=bad)
+
+
+def _image_problem(path):
+    """None if `path` decodes as an image, else why not. JPEGs decode at a reduced scale (draft): fast, and a
+    truncated file still fails."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def _write_text(path, lines):
+    with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(line + "\n" for line in lines)
+    os.replace(path + ".tmp", path)
+
+
+def _examples(items, k=5):
+    return "".join(f"\n  {x}" for x in items[:k]) + (f"\n  ... ({len(items) - k} more)" if len(items) > k else "")
+
+
+def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_frac=0.1, test_frac=0.1, workers=8,
+                     log=print):
+    """Write the ASEN-format folder `out` from a catalogue CSV and print what it holds and what was left out.
+
+    Images: paths in the CSV are relative to image_root (default: the CSV's folder; for FashionAI's label.csv,
+    which sits in Annotations/, the folder above it) or absolute. The split files name them relative to `out`,
+    so that `out` and the images can move together. Missing and unreadable images are left out, and so are
+    labels that the CSV gives two different values (a conflict); a label repeated is kept once.
+    Split: by image (one image in one split only), the images sorted by path and shuffled with `seed`:
+    valid_frac and test_frac of them, at least one each, the rest train. In valid and test, per attribute, the
+    images labelled with it are dealt into queries and candidates at 1:4 (an image labelled with several
+    attributes is listed under each). The result depends on the seed and the rows, not on their order.
+    Returns a summary dict; raises ValueError when nothing usable remains."""
+    if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
+        raise ValueError(f"valid and test fractions must be in (0, 1) and sum below 1, got {valid_frac}, {test_frac}")
+    cat = read_catalogue(csv_path, fmt)
+    fmt, attributes = cat["format"], cat["attributes"]
+    if image_root is None:
+        image_root = os.path.dirname(os.path.abspath(csv_path))
+        if fmt == "fashionai":  # Annotations/label.csv names images Images/<attribute>_labels/...
+            image_root = os.path.dirname(image_root)
+    log(f"{csv_path}: {fmt} layout, {len(attributes)} attributes, {len(cat['labels'])} labels; images under {image_root}")
+    if cat["bad"]:
+        log(f"rows left out: {len(cat['bad'])}" + _examples(cat["bad"]))
+
+    # labels per image; the same (path, attribute) twice: once if the value agrees, dropped if it does not
+    by_image, duplicates, conflicted, conflict_lines = {}, 0, set(), []
+    for n, path, attr, value in cat["labels"]:
+        have = by_image.setdefault(path, {})
+        if (path, attr) in conflicted:
+            continue
+        if attr not in have:
+            have[attr] = value
+        elif have[attr] == value:
+            duplicates += 1
+        else:
+            conflicted.add((path, attr))
+            conflict_lines.append(f"{csv_path}:{n}: {path}: {attr} is {have.pop(attr)!r} and {value!r}")
+    if duplicates:
+        log(f"duplicate labels (the same path, attribute and value again): {duplicates}, each kept once")
+    if conflict_lines:
+        log(f"conflicting labels (one image, one attribute, two values): {len(conflict_lines)}, left unlabelled"
+            + _examples(conflict_lines))
+    values = cat["values"] or {a: sorted({v for _, _, at, v in cat["labels"] if at == a}) for a in attributes}
+    empty = [a for a in attributes if not values[a]]
+    if empty:
+        log(f"attributes without a single label (left out): {', '.join(empty)}")
+        attributes = [a for a in attributes if values[a]]
+
+    # every labelled image must be there and decode
+    paths = sorted(p for p, have in by_image.items() if have)
+    resolved = [os.path.join(image_root, p) for p in paths]
+    t0 = time.time()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # pillow decodes without the GIL: threads suffice
+        problems = list(pool.map(_image_problem, resolved, chunksize=64))
+    missing = [r for r, why in zip(resolved, problems) if why == "missing"]
+    unreadable = [f"{r}: {why}" for r, why in zip(resolved, problems) if why not in (None, "missing")]
+    log(f"looked at {len(paths)} images in {time.time() - t0:.1f} s: {len(missing)} missing, {len(unreadable)} unreadable")
+    if missing:
+        log(f"missing images (left out): {len(missing)}" + _examples(missing))
+    if unreadable:
+        log(f"unreadable images (left out): {len(unreadable)}" + _examples(unreadable))
+    good = [i for i, why in enumerate(problems) if why is None]
+    if not good:
+        raise ValueError(f"{csv_path}: nothing usable: none of the {len(paths)} labelled images could be read "
+                         f"(paths are taken relative to {image_root}; give --image-root)")
+
+    # split by image, then per attribute into queries and candidates
+    rng = np.random.default_rng(seed)
+    order = [good[i] for i in rng.permutation(len(good))]
+    n_valid, n_test = (max(1, round(len(good) * f)) for f in (valid_frac, test_frac))
+    if len(good) - n_valid - n_test < 2:
+        raise ValueError(f"{csv_path}: nothing usable: {len(good)} readable labelled images are too few for a training "
+                         f"split beside {n_valid} valid and {n_test} test images")
+    splits = {"valid": sorted(order[:n_valid]), "test": sorted(order[n_valid:n_valid + n_test]),
+              "train": sorted(order[n_valid + n_test:])}
+    A = {a: k for k, a in enumerate(attributes)}
+    V = {a: {v: j for j, v in enumerate(values[a])} for a in attributes}
+    label = lambda i: [(A[a], V[a][v]) for a, v in by_image[paths[i]].items()]  # noqa: E731
+    files = {}
+    for s, ids in splits.items():
+        files[f"filenames_{s}.txt"] = [os.path.relpath(os.path.abspath(resolved[i]), os.path.abspath(out)) for i in ids]
+    files["label_train.txt"] = [f"{fid} " + " ".join(f"{a} {v}" for a, v in sorted(label(i)))
+                                for fid, i in enumerate(splits["train"])]
+    counts = np.zeros((3, sum(len(values[a]) for a in attributes)), dtype=np.int64)  # (split, value) images
+    offset = np.cumsum([0] + [len(values[a]) for a in attributes])
+    roles = {}
+    for s_id, (s, ids) in enumerate([(s, splits[s]) for s in ("train", "valid", "test")]):
+        for fid, i in enumerate(ids):
+            for a, v in label(i):
+                counts[s_id, offset[a] + v] += 1
+        if s == "train":
+            continue
+        rows = {"query": [], "candidate": []}
+        for a in range(len(attributes)):
+            mine = [(fid, v) for fid, i in enumerate(ids) for b, v in label(i) if b == a]
+            perm = np.random.default_rng([seed, s_id, a]).permutation(len(mine))
+            n_q = max(1, round(len(mine) * QUERY_SHARE)) if len(mine) >= 2 else 0  # a lone image is a candidate
+            roles[s, a] = (n_q, len(mine) - n_q)
+            for k, j in enumerate(perm):
+                rows["query" if k < n_q else "candidate"].append((mine[j][0], a, mine[j][1]))
+        for role, r in rows.items():
+            files[f"{role}_{s}.txt"] = [f"{fid} {a} {v}" for fid, a, v in sorted(r)]
+
+    # what it holds; what cannot give a triplet
+    log(f"split (seed {seed}): train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])} images")
+    log(f"{'attribute':<20} {'value':<24} {'train':>6} {'valid':>6} {'test':>6}")
+    few, drawable = [], []
+    for a, attr in enumerate(attributes):
+        for v, name in enumerate(values[attr]):
+            c = counts[:, offset[a] + v]
+            log(f"{attr if v == 0 else '':<20} {name:<24} {c[0]:>6} {c[1]:>6} {c[2]:>6}")
+            if c[0] < 2:
+                few.append(f"{attr} = {name} ({c[0]} training images)")
+        tr = counts[0, offset[a]:offset[a + 1]]
+        if (tr >= 2).any() and (tr >= 1).sum() >= 2:
+            drawable.append(attr)
+        log(f"{'':<20} {'queries / candidates':<24} {'':>6} " + " ".join(f"{'%d/%d' % roles[s, a]:>6}" for s in ("valid", "test")))
+    if few:
+        log(f"values that cannot give a triplet (fewer than 2 training images): {len(few)}" + _examples(few, 10))
+    if not drawable:
+        raise ValueError(f"{csv_path}: nothing usable: no attribute has a value with 2 training images and another value "
+                         f"with 1, so no training triplet can be drawn")
+    no_query = [s for s in ("valid", "test") if not any(roles[s, a][0] for a in range(len(attributes)))]
+    if no_query:
+        raise ValueError(f"{csv_path}: nothing usable for evaluation: no query in the {' and '.join(no_query)} split "
+                         f"(no attribute is labelled on 2 of its images); raise --valid-frac / --test-frac or add labels")
+
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "meta.json")):  # an earlier import: unfinished until the new meta.json
+        os.remove(os.path.join(out, "meta.json"))
+    for name, lines in files.items():
+        _write_text(os.path.join(out, name), lines)
+    meta = {"ATTRIBUTES": attributes, "ATTRIBUTES_NUM": {a: len(values[a]) for a in attributes},
+            "ATTRIBUTES_VALUES": values, "IMPORTED_FROM": os.path.abspath(csv_path), "SEED": seed}
+    with open(os.path.join(out, "meta.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # last: marks a finished folder
+    log(f"wrote {out}; train with: python train.py --data custom --data-root {out} --pretrained WEIGHTS")
+    return dict(format=fmt, attributes=attributes, values=values, splits={s: len(v) for s, v in splits.items()},
+                missing=missing, unreadable=unreadable, duplicates=duplicates, conflicts=conflict_lines, bad=cat["bad"],
+                few=few)
+
+
+def add_import_parser(sub):
+    p = sub.add_parser("import", help="write the ASEN-format folder from a catalogue's CSV of labels")
+    p.add_argument("csv", help="the CSV: path,attribute,value (long) or path,<attribute>,... (wide), a header first")
+    p.add_argument("--out", required=True, help="the folder to write (train.py --data custom --data-root OUT)")
+    p.add_argument("--image-root", default=None, help="folder the CSV's paths are relative to (default: the CSV's folder; "
+                                                       "fashionai: the folder above Annotations/)")
+    p.add_argument("--format", default="auto", choices=IMPORT_FORMATS, help="CSV layout (auto: long or wide by the header, "
+                                                                            "fashionai by its y/n/m labels)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split: the same seed and rows give the same files")
+    p.add_argument("--valid-frac", type=float, default=0.1, help="share of the images in the validation split")
+    p.add_argument("--test-frac", type=float, default=0.1, help="share of the images in the test split")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images to check them")
+
+
+def run_import(args):
+    try:
+        import_catalogue(args.csv, args.out, args.image_root, args.seed, args.format, args.valid_frac, args.test_frac,
+                         args.workers)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 # -----------------------------------------------------------------------------
 
@@ -1167,7 +1477,10 @@ if __name__ == "__main__":
     p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME); the arrays go to its prepared/")
     p.add_argument("--img-size", type=int, required=True, help="the image size the model is trained at (train.py --img-size)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per CPU)")
+    add_import_parser(sub)  # data.py import
     args = parser.parse_args()
+    if args.command == "import":
+        sys.exit(run_import(args))
     if args.command == "synth":
         make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
                        args.workers)

@@ -6,6 +6,8 @@ Train CCA with conditioned triplets (paper sections 3.3 and 4.2), on one process
 
     python cca.py convert R50+ViT-B_16.npz vit_r50_b16_224.pt
     torchrun --nproc_per_node=8 train.py --data fashionai --pretrained vit_r50_b16_224.pt
+    python data.py import catalogue.csv --out data/shop          # your own catalogue (a CSV of labels), then
+    torchrun --nproc_per_node=8 train.py --data custom --data-root data/shop --pretrained vit_r50_b16_224.pt
 
 The paper's recipe is the default on real data: 64 triplets per step in total (split over the ranks),
 Adam at 1e-4, margin 0.2, 100,000 fresh triplets per epoch (Zappos: CSN's 200,000 fixed triplets),
@@ -64,7 +66,7 @@ MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use)")
+    p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset (synthetic is built on first use; custom: a folder written by data.py import)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")

@@ -1,7 +1,8 @@
 """
 Pictures of a trained CCA model, drawn with pillow alone: the attention of every condition over an
 image (the paper's Figure 4), attribute-specific retrieval (Figure A2), 2-D projections of each
-attribute's embedding space coloured by value (Figures 5 and 6), and retrieval for a user's own image.
+attribute's embedding space coloured by value (Figures 5 and 6), retrieval for a user's own image, and
+search.py's results under one or several attributes (search_figure).
 
     from evaluate import load_checkpoint, embed_items
     from data import EvalItems
@@ -382,3 +383,44 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
                "in the full embedding space; chance: 1 / number of values", W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return scores
+
+# -----------------------------------------------------------------------------
+# search results (search.py query)
+
+
+def search_figure(query_path, results, attrs, weights, img_size, out_path, query_values=None) -> str:
+    """Write a query image and its search results (search.query's dicts) to out_path (PNG); return out_path.
+
+    Title line: the weighted attributes. Under each image one line per attribute: the item's value name, green
+    when it is the query's value, red when not, black when either is unknown; then rank and score. A result
+    whose values are all known is framed green when all agree with the query's, red otherwise.
+    Size: width PAD + side + SEP + k * (side + PAD), height 3 * PAD + (A + 2) * LINE + side, A = len(attrs).
+    """
+    query_values = query_values or {}
+    weights = weights or [1.0] * len(attrs)
+    side = panel_side(img_size)
+    k, A = len(results), len(attrs)
+    W, H = PAD + side + SEP + max(k, 1) * (side + PAD), 3 * PAD + (A + 2) * LINE + side
+    fig = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(fig)
+    title = " + ".join(a if w == 1 else f"{w:g} x {a}" for a, w in zip(attrs, weights))
+    write_text(draw, (PAD, PAD), f"similar by {title}", W - 2 * PAD)
+    y = 2 * PAD + LINE
+    fig.paste(to_picture(load_image(query_path, img_size), side), (PAD, y))
+    write_text(draw, (PAD, y + side + 2), "query", side)
+    for j, a in enumerate(attrs):
+        write_text(draw, (PAD, y + side + 2 + (j + 1) * LINE), query_values.get(a) or "", side)
+    for i, r in enumerate(results):
+        x = PAD + side + SEP + i * (side + PAD)
+        fig.paste(to_picture(load_image(r["path"], img_size), side), (x, y))
+        agree = [None if query_values.get(a) is None or r["values"][a] is None else query_values[a] == r["values"][a]
+                 for a in attrs]
+        if None not in agree:
+            draw.rectangle([x - BORDER, y - BORDER, x + side + BORDER - 1, y + side + BORDER - 1],
+                           outline=GREEN if all(agree) else RED, width=BORDER)
+        for j, (a, ok) in enumerate(zip(attrs, agree)):
+            write_text(draw, (x, y + side + 2 + j * LINE), r["values"][a] or "?", side,
+                       fill=TEXT if ok is None else GREEN if ok else RED)
+        write_text(draw, (x, y + side + 2 + A * LINE), f"#{r['rank']}  score {r['score']:.3f}", side, fill=GREY)
+    fig.save(out_path)
+    return out_path
