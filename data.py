@@ -698,6 +698,20 @@ BACKGROUND = (0.4, 0.85)  # grey level range of the background
 NOISE_STD = 4.0  # pixel noise, of 255
 
 
+def on_background(figure, mask, rng, size):
+    """The (W, W) `figure` pasted through `mask` onto a random background (a low-saturation tone with a gentle
+    gradient, drawn small and stretched: it is linear), downsampled to `size` with LANCZOS, plus pixel noise."""
+    W = figure.size[0]
+    g = rng.uniform(*BACKGROUND) + rng.uniform(-0.03, 0.03, size=3)
+    gx, gy = rng.uniform(-0.08, 0.08, size=2)
+    ramp = np.linspace(-0.5, 0.5, 8)
+    bg = g + gx * ramp[None, :, None] + gy * ramp[:, None, None]  # (8, 8, 3)
+    bg = Image.fromarray((bg.clip(0, 1) * 255).round().astype(np.uint8)).resize((W, W), Image.BILINEAR)
+    img = Image.composite(figure, bg, mask).resize((size, size), Image.LANCZOS)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, NOISE_STD, size=(size, size, 3)).astype(np.float32)
+    return Image.fromarray(noisy.clip(0, 255).round().astype(np.uint8))
+
+
 def draw_garment(values, rng, size=64, zoom=4):
     """One figure as a PIL image, drawn zoom times larger and downsampled with LANCZOS for anti-aliasing.
     values: one index per SYNTH_ATTRIBUTES entry."""
@@ -749,15 +763,7 @@ def draw_garment(values, rng, size=64, zoom=4):
     # the pattern in a dark shade of the same hue, so the colour stays readable
     garment.paste(tuple(round(255 * 0.3 * c) for c in rgb), mask=Image.fromarray(on.astype(np.uint8) * 255))
 
-    # background: a low-saturation tone with a gentle gradient, drawn small and stretched (it is linear)
-    g = rng.uniform(*BACKGROUND) + rng.uniform(-0.03, 0.03, size=3)
-    gx, gy = rng.uniform(-0.08, 0.08, size=2)
-    ramp = np.linspace(-0.5, 0.5, 8)
-    bg = g + gx * ramp[None, :, None] + gy * ramp[:, None, None]  # (8, 8, 3)
-    bg = Image.fromarray((bg.clip(0, 1) * 255).round().astype(np.uint8)).resize((W, W), Image.BILINEAR)
-    img = Image.composite(garment, bg, mask).resize((size, size), Image.LANCZOS)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, NOISE_STD, size=(size, size, 3)).astype(np.float32)
-    return Image.fromarray(noisy.clip(0, 255).round().astype(np.uint8))
+    return on_background(garment, mask, rng, size)
 
 
 def _synth_one(job):
@@ -863,14 +869,7 @@ def draw_shape(label, rng, size=64, zoom=4):
         axis = np.arange(W, dtype=np.float32) * (64 / W)
         u = (axis[None, :] * np.cos(turn + np.pi / 4) + axis[:, None] * np.sin(turn + np.pi / 4) + rng.uniform(0, 6)) % 6
         figure.paste(tuple(round(255 * 0.3 * c) for c in rgb), mask=Image.fromarray((u < 2.5).astype(np.uint8) * 255))
-    g = rng.uniform(*BACKGROUND) + rng.uniform(-0.03, 0.03, size=3)  # the garments' background and noise
-    gx, gy = rng.uniform(-0.08, 0.08, size=2)
-    ramp = np.linspace(-0.5, 0.5, 8)
-    bg = g + gx * ramp[None, :, None] + gy * ramp[:, None, None]  # (8, 8, 3)
-    bg = Image.fromarray((bg.clip(0, 1) * 255).round().astype(np.uint8)).resize((W, W), Image.BILINEAR)
-    img = Image.composite(figure, bg, mask).resize((size, size), Image.LANCZOS)
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, NOISE_STD, size=(size, size, 3)).astype(np.float32)
-    return Image.fromarray(noisy.clip(0, 255).round().astype(np.uint8))
+    return on_background(figure, mask, rng, size)  # the garments' background and noise
 
 
 def _shape_one(job):
