@@ -300,7 +300,7 @@ class ConditionalCrossAttentionBlock(Block):
     Eq. 4 repeats q_c to every token position; every query row is then the same vector, so every
     row of the attention output is too, and only the [CLS] row is read out (eq. 7). One query per
     condition therefore gives the same [CLS] output (tests/test_cca.py proves it).
-    Where the paper is silent (our decision, SPEC section 1): the condition token is normalised by
+    Where the paper is silent (our decision): the condition token is normalised by
     the block's norm1 and projected by the block's query weights, like a token; the attention output
     is added to the [CLS] token, then the block's MLP follows.
     """
@@ -325,7 +325,7 @@ class ConditionalCrossAttentionBlock(Block):
 class HybridViT(nn.Module):
     """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm.
     Blocks 1..L-1 are the shared trunk; `last_block` is block L. One list keeps timm's names, so
-    blocks.{L-1} loads the last pretrained block whatever its kind (SPEC section 1)."""
+    blocks.{L-1} loads the last pretrained block whatever its kind."""
 
     def __init__(self, cfg, last_block):
         super().__init__()
@@ -541,7 +541,7 @@ def build_model(cfg: CCAConfig):
 
 
 # -----------------------------------------------------------------------------
-# pretrained weights (SPEC section 2)
+# pretrained weights: Google's npz (ViT paper's release) and timm's port
 
 
 def read_safetensors(path):
@@ -574,7 +574,8 @@ def read_safetensors(path):
 
 
 def google_to_timm(npz, cfg, path):
-    """Map Google's R50+ViT-B_16.npz keys to timm's names, with the layout changes of SPEC section 2.
+    """Map Google's R50+ViT-B_16.npz keys to timm's names, with its layout changes: HWIO convs to OIHW,
+    (in, out) dense kernels transposed, per-head q/k/v kernels flattened and concatenated into qkv.
     Returns (state dict, ignored keys). A file saved with its optimizer state keeps the weights under opt/target/;
     its other keys (opt/state/...) are not weights: ignored, and returned so that the loader can say so. The
     classifier heads come back under timm's names (head., pre_logits.) for the loader to drop and report.

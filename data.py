@@ -9,7 +9,7 @@ another drawn image family with its own 24 classes, that `python compare.py pret
     python data.py prepare --data fashionai --img-size 224     # decode every image once, into prepared/ arrays
     python data.py import catalogue.csv --out data/shop         # your own labels -> the ASEN format (--data custom)
 
-Formats (SPEC sections 3 and 4):
+Formats (ASEN's split files; CSN's Zappos50K lists):
 - fashionai, darn, deepfashion (ASEN's split): filenames_{train,valid,test}.txt (one relative image path
   a line), label_train.txt (`fid attr value [attr value ...]`), query_/candidate_{valid,test}.txt
   (`fid attr value`), meta.json (attribute names and value counts). Some files have CRLF line ends.
@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 DATASETS = ("synthetic", "fashionai", "darn", "deepfashion", "zappos", "custom")  # custom: written by data.py import
-MEAN = STD = (0.5, 0.5, 0.5)  # the R50+ViT-B/16 weights expect pixels in [-1, 1] (SPEC 1), not ImageNet stats
+MEAN = STD = (0.5, 0.5, 0.5)  # the R50+ViT-B/16 weights expect pixels in [-1, 1] (as the ViT paper's pipeline), not ImageNet stats
 
 # the sections of ASEN's combined meta.json
 ASEN_SECTIONS = {"fashionai": "FashionAI", "darn": "DARN", "deepfashion": "DeepFashion"}
@@ -44,7 +44,7 @@ ASEN_FILES = ["meta.json", "filenames_train.txt", "label_train.txt"] + [
     f"{f}_{s}.txt" for s in ("valid", "test") for f in ("filenames", "query", "candidate")]
 ZAPPOS_CONDITIONS = ("class", "closure", "gender", "heel")  # CSN's condition order: index 0..3
 ZAPPOS_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # our split name -> CSN's file suffix
-ZAPPOS_TRIPLETS = {"train": 200_000, "valid": 80_000, "test": 160_000}  # CSN's README and later work (SPEC 4)
+ZAPPOS_TRIPLETS = {"train": 200_000, "valid": 80_000, "test": 160_000}  # CSN's README and later work
 HINTS = {
     "asen": "the split files and meta.json come from ASEN's repository (github.com/Maryeon/asen, or ASEN++'s "
             "github.com/Maryeon/asenpp); the images from the dataset's own site",
@@ -302,7 +302,7 @@ def read_items(name, root, split, role, errors=None):
 # images
 
 def read_image(path, img_size):
-    """(3, S, S) uint8: resize the short side to S, centre-crop (ASEN, SPEC 3). The decoding half of load_image."""
+    """(3, S, S) uint8: resize the short side to S, centre-crop (ASEN). The decoding half of load_image."""
     try:
         with Image.open(path) as im:
             # a JPEG decodes at 1/2, 1/4 or 1/8 scale while it stays >= S: several times faster on large photos
@@ -329,7 +329,7 @@ def normalise(x, flip=False):
 
 
 def load_image(path, img_size, flip=False):
-    """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN, SPEC 3); flip=True mirrors it."""
+    """(3, S, S) float32 in [-1, 1]: resize the short side to S, centre-crop (ASEN); flip=True mirrors it."""
     return normalise(read_image(path, img_size), flip)
 
 
@@ -356,7 +356,7 @@ def missing_message(missing, total, what):
 # training: conditioned triplets
 
 class TripletDataset(torch.utils.data.Dataset):
-    """(anchor, positive, negative, condition). ASEN data: a fresh draw of num_triplets each epoch (SPEC 3);
+    """(anchor, positive, negative, condition). ASEN data: a fresh draw of num_triplets each epoch (ASEN++'s rule);
     zappos: CSN's fixed list, reshuffled each epoch. Under torchrun each rank keeps every world_size-th triplet.
     cache=True decodes every training image once, up front, into memory (uint8, 3 * S * S bytes each: 18 MB for
     the synthetic set at 32 px, 15 GB for 100,000 images at 224 px); a step then costs no decoding at all.
@@ -649,7 +649,7 @@ class ZapposEvalSet(torch.utils.data.Dataset):
 def chance_ap(queries, candidates):
     """Expected AP of a random ranking per query (rows (fid, attr, value)). With N candidates of the query's
     attribute and R relevant, E[AP] = ((R-1)/(N-1) * (N - H_N) + H_N) / N, H_N the N-th harmonic number;
-    about R/N. A query with R = 0 has AP 0 (SPEC 3)."""
+    about R/N. A query with R = 0 has AP 0, as in ASEN's evaluation."""
     ap = np.zeros(len(queries))
     for i, (_, a, v) in enumerate(queries):
         same_attr = candidates[:, 1] == a
@@ -661,8 +661,8 @@ def chance_ap(queries, candidates):
 
 
 def chance_map(name, root, split, missing="error"):
-    """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (SPEC 3 quotes
-    about 0.155 for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
+    """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (about 0.155
+    for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
     of the items whose images are there, those --eval-missing drop scores."""
     if name == "zappos":
         return 0.5

@@ -31,7 +31,7 @@ from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval
                   looks_like, prepare_dataset)
 
 # -----------------------------------------------------------------------------
-# Metrics (SPEC §3: ASEN's mAP; SPEC §4: CSN's triplet accuracy).
+# Metrics (ASEN's attribute-specific mAP; CSN's triplet accuracy on Zappos50K).
 # Pure torch, no I/O: they take embeddings and labels and return plain dicts of Python numbers.
 #
 # Both metrics use cosine similarity. The features are L2-normalised here (F.normalize), so raw
@@ -62,7 +62,7 @@ def average_precision(scores: Tensor, relevant: Tensor) -> Tensor:
 @torch.no_grad()
 def mean_average_precision(query_feats, query_attrs, query_values, cand_feats, cand_attrs, cand_values,
                            chunk_size=1024) -> dict:
-    """ASEN's attribute-specific retrieval mAP, as the paper's tables report it (SPEC §3).
+    """ASEN's attribute-specific retrieval mAP, as the paper's tables report it.
 
     query_feats (Q, d), cand_feats (C, d): each image embedded under its own attribute (float, any
     scale: they are L2-normalised here, so the similarity is the cosine). *_attrs, *_values (Q,) / (C,)
@@ -126,7 +126,7 @@ def mean_average_precision(query_feats, query_attrs, query_values, cand_feats, c
 
 @torch.no_grad()
 def triplet_accuracy(anchor, far, close, conditions, num_conditions=None) -> dict:
-    """CSN's triplet prediction accuracy on Zappos50K (SPEC §4).
+    """CSN's triplet prediction accuracy on Zappos50K.
 
     anchor, far, close (T, d) float embeddings, each triplet embedded under its condition;
     conditions (T,) long. A triplet (a, far, close) is correct iff cos(a, close) > cos(a, far),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cca import ARCH_SIZES, CCA, CCAConfig, build_model, count_parameters, load_pretrained, resize_pos_embed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # copies of ../shared/reference key lists
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # key lists of the real checkpoint layouts
 
 
 def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0):
@@ -45,7 +45,7 @@ def randomise_norms(model):
 def test_backbone_parameter_count_matches_timm_layout():
     model = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=2, out_dim=1024))
     backbone = count_parameters(model) - count_parameters(model.condition) - count_parameters(model.head)
-    assert backbone == 97_890_112  # SPEC section 1
+    assert backbone == 97_890_112  # timm's vit_base_r50_s16_224 without its head
     assert count_parameters(model.patch_embed.backbone) == 11_894_848
     assert count_parameters(model.patch_embed.proj) == 787_200
     assert count_parameters(model.blocks[0]) == count_parameters(model.blocks[-1]) == 7_087_872
@@ -246,7 +246,7 @@ def read_key_list(name):
 
 
 def to_google(sd, cfg, gn_4d=True):
-    """timm-named tensors -> Google's npz layout (the inverse of SPEC section 2's mapping)."""
+    """timm-named tensors -> Google's npz layout (the inverse of cca.google_to_timm's mapping)."""
     D, H = cfg.sizes["embed_dim"], cfg.sizes["num_heads"]
     n = lambda t: t.detach().numpy().astype(np.float32)  # noqa: E731
     gn = lambda t: n(t).reshape(1, 1, 1, -1) if gn_4d else n(t)  # noqa: E731
