@@ -4,6 +4,7 @@ Speed and memory of the CCA model's fast paths and of the image loader, measured
     python bench.py                       # GPU if there is one (bf16 autocast), else CPU with the tiny model
     python bench.py --arch tiny --img-size 32 --triplets 32 --skip-loader     # the demo's training step
     python bench.py --skip-model          # only the loader (section 4)
+    python bench.py --skip-loader --profile   # GPU: and where the compiled step's time goes (top kernels)
 
 Prints, for the same weights and inputs:
   FLOPs per training image, counted by torch's FlopCounterMode (forward and backward), of the paper's model at
@@ -11,8 +12,8 @@ Prints, for the same weights and inputs:
   1. all K conditions of a batch: `embed_all` (trunk once) vs one full forward per condition;
   2. block L: the single-query cross-attention vs the paper's eq. 4 form (q_c repeated to 1+N rows);
   3. train.py's training step at 64 and at 8 triplets (8: the paper's 64 shared by 8 GPUs): images per second,
-     MFU and peak memory, eager and torch.compile'd, compiled with channels-last images, bf16 autocast and fp32
-     (CUDA; TF32 matmuls on in both, as in train.py); then train.py's fused Adam vs PyTorch's default;
+     MFU and peak memory, eager and torch.compile'd (CUDA, bf16 autocast); at the first size also compiled with
+     channels-last images and eager fp32 (TF32 matmuls, as in train.py); then train.py's fused Adam vs PyTorch's default;
   4. the loader, per worker process (one thread): training images per second from JPEG decoding (512 x 512 JPEGs,
      FashionAI's size, to 224 px) against cutting whole batches out of prepared arrays (data.py prepare).
 """
@@ -120,9 +121,10 @@ def bench_model(args, device):
         print(f"\n3. training step, {T} triplets ({3 * T} images), fused Adam" + (", bf16 autocast unless fp32" if gpu else ", fp32"))
         if gpu:
             compiled = torch.compile(model, dynamic=False)  # static shapes: one graph per batch size
-            modes = [("eager", model, (a, p, n), True), ("compiled", compiled, (a, p, n), True),
-                     ("compiled, channels-last", compiled, cl, True)]
-            modes += [("eager fp32 (tf32 mm)", model, (a, p, n), False)] if T == triplets[0] else []
+            modes = [("eager", model, (a, p, n), True), ("compiled", compiled, (a, p, n), True)]
+            # channels-last and fp32 at the first size only: each compiled variant costs a minute or more of compiling
+            modes += [("compiled, channels-last", compiled, cl, True), ("eager fp32 (tf32 mm)", model, (a, p, n), False)] \
+                if T == triplets[0] else []
         else:
             modes = [("eager", model, (a, p, n), False)]
         times = {}
@@ -134,10 +136,15 @@ def bench_model(args, device):
             mfu = f"  MFU {flops * ips / peak[1]:6.1%}" if peak and ac else ""
             mem = f"  peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB" if gpu else ""
             print(f"   {label:26s} {t * 1e3:8.1f} ms  {ips:8.0f} img/s{mfu}{mem}")
+        if gpu and args.profile and T == triplets[0]:
+            try:
+                profile_step(lambda: train_step(compiled, opt, a, p, n, c, 0.2, True), T)
+            except Exception as e:  # the profiler is optional to the figures above and below
+                print(f"   profile failed: {type(e).__name__}: {e}")
         if gpu:
-            print(f"   compiled / eager: {times['eager'] / times['compiled']:.2f}x; with channels-last "
-                  f"{times['eager'] / times['compiled, channels-last']:.2f}x"
-                  + (f"; bf16 / fp32 (eager): {times['eager fp32 (tf32 mm)'] / times['eager']:.2f}x" if T == triplets[0] else ""))
+            print(f"   compiled / eager: {times['eager'] / times['compiled']:.2f}x"
+                  + (f"; with channels-last {times['eager'] / times['compiled, channels-last']:.2f}x; bf16 / fp32 (eager): "
+                     f"{times['eager fp32 (tf32 mm)'] / times['eager']:.2f}x" if T == triplets[0] else ""))
         else:
             print("   compiled: not measured on the CPU (the demo's step gained nothing there after about a minute of "
                   "compiling: see the README)")
@@ -146,6 +153,24 @@ def bench_model(args, device):
     t_plain = timeit(lambda: train_step(m, plain, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)
     print(f"   {label}, {T} triplets, default Adam: {t_plain * 1e3:6.1f} ms; "
           f"fused Adam (train.py) is {t_plain / times[label]:.2f}x as fast")
+
+
+def profile_step(step, T, steps=5):
+    """Where a compiled training step's GPU time goes: the kernels with the most time over `steps` steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    # the GPU kernels themselves: a CPU operator (aten::mm) is credited its kernels' time too, which would count it twice
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"\n   profile of the compiled step, {T} triplets, {steps} steps: {total / steps / 1e3:.1f} ms of GPU kernels a step; "
+          f"the kernels with the most time:")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:
+        print(f"   {100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / steps / 1e3:7.2f} ms  "
+              f"x{e.count // steps:<4d} {e.key[:90]}")
 
 
 def rate(fn, images_per_call, min_time):
@@ -205,6 +230,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
     parser.add_argument("--skip-model", action="store_true", help="leave out sections 1 to 3")
     parser.add_argument("--skip-loader", action="store_true", help="leave out section 4")
+    parser.add_argument("--profile", action="store_true", help="CUDA: after 3.'s first size, the compiled step's top kernels")
     parser.add_argument("--loader-size", type=int, default=224, help="image size of section 4")
     parser.add_argument("--loader-images", type=int, default=64, help="JPEGs drawn for section 4")
     parser.add_argument("--loader-seconds", type=float, default=3.0, help="seconds per loader measurement")

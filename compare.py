@@ -5,6 +5,7 @@ The paper's comparison (Table 2) in miniature: every method on the same backbone
     python compare.py --seeds 0 1 2 3 4             # more seeds
     python compare.py --methods cca2 triplet        # a subset
     python compare.py --epochs 10                   # a smaller budget for every method
+    python compare.py --jobs 15 --device cuda       # 15 trainings at once on one GPU (each a process)
 
 Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with train.py (its defaults for the
 dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -125,8 +127,13 @@ def main(argv=None):
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
                         "table then marked not comparable with published numbers")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings run at once, each in its own train.py process with its output in OUT_DIR/seedS/NAME/train.log "
+                        "(default: 1, in this process). The tiny models leave a GPU mostly idle: several share it well")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
     if args.pretrained and not os.path.isfile(args.pretrained):
@@ -142,23 +149,28 @@ def main(argv=None):
         common += ["--device", args.device]
     A, t_all = len(meta["attributes"]), time.time()
     runs = {name: {} for name in ["random"] + args.methods}  # name -> seed -> result
+    todo, seconds = [], {}  # (seed, name, out, train.py flags) to train; (seed, name) -> training seconds
     for seed in args.seeds:
         for name in args.methods:
-            label, flags, paper = METHODS[name]
             out = os.path.join(out_dir, f"seed{seed}", name)
-            ckpt_path = os.path.join(out, "best.pt")
-            seconds = None
-            if os.path.isfile(ckpt_path):
-                print(f"== {label}, seed {seed}: {ckpt_path} exists, not trained again")
+            if os.path.isfile(os.path.join(out, "best.pt")):
+                print(f"== {METHODS[name][0]}, seed {seed}: {out}/best.pt exists, not trained again")
             else:
-                print(f"== {label}, seed {seed}: training into {out}")
-                t0 = time.time()
-                train.main(common + flags + ["--seed", str(seed), "--out-dir", out] + args.train_args)
-                seconds = time.time() - t0
-            model, ckpt = load_checkpoint(ckpt_path, device)
+                todo.append((seed, name, out, common + METHODS[name][1] + ["--seed", str(seed), "--out-dir", out] + args.train_args))
+    if args.jobs == 1:
+        for seed, name, out, flags in todo:
+            print(f"== {METHODS[name][0]}, seed {seed}: training into {out}")
+            t0 = time.time()
+            train.main(flags)
+            seconds[seed, name] = time.time() - t0
+    else:
+        seconds = train_in_parallel(todo, args.jobs)
+    for seed in args.seeds:
+        for name in args.methods:
+            model, ckpt = load_checkpoint(os.path.join(out_dir, f"seed{seed}", name, "best.pt"), device)
             r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
-            runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds, **r)
-            print(f"{label}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
+            runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds.get((seed, name)), **r)
+            print(f"{METHODS[name][0]}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
         runs["random"][seed] = random_row(root, meta, args.split, 1024, seed, args.eval_missing)
 
     results, rows = {}, []
@@ -188,6 +200,46 @@ def main(argv=None):
                        "--data-root", root, "--out", out_dir, "--eval-missing", args.eval_missing]
                       + (["--device", args.device] if args.device else []))
     print(f"wrote {out_dir}/table.md, results.json")
+
+
+def train_in_parallel(todo, jobs):
+    """Run train.py once per (seed, name, out, flags) of todo, at most `jobs` processes at a time, each with one CPU
+    thread and its output in out/train.log. Returns {(seed, name): seconds}; stops at the first failure, ending the
+    others, with the end of that run's log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    waiting, running, seconds, t_all = list(todo), {}, {}, time.time()
+    print(f"training {len(todo)} runs, {jobs} at a time; each run's output in its folder's train.log")
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                seed, name, out, flags = waiting.pop(0)
+                os.makedirs(out, exist_ok=True)
+                log = open(os.path.join(out, "train.log"), "w")
+                running[seed, name] = (subprocess.Popen([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT,
+                                                         env=env), log, out, time.time())
+            time.sleep(0.5)
+            for key, (proc, log, out, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[key]
+                if proc.returncode != 0:
+                    with open(log.name) as f:
+                        tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+                    raise SystemExit(f"error: {METHODS[key[1]][0]}, seed {key[0]} failed (exit {proc.returncode}): {tail[0]} "
+                                     f"(whole log: {log.name})")
+                seconds[key] = time.time() - t0
+                done = len(seconds)
+                eta = (time.time() - t_all) / done * (len(todo) - done)  # at the rate of runs finished so far
+                print(f"{METHODS[key[1]][0]}, seed {key[0]}: trained in {train.fmt_time(seconds[key])} ({done}/{len(todo)}; "
+                      f"eta {train.fmt_time(eta)})", flush=True)
+    finally:
+        for proc, log, _, _ in running.values():
+            proc.kill()
+            proc.wait()
+            log.close()
+    return seconds
 
 
 # -----------------------------------------------------------------------------

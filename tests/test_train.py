@@ -343,6 +343,29 @@ def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth, t
     assert "seed1/triplet/best.pt exists, not trained again" in capsys.readouterr().out
 
 
+def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth, tmp_path, capsys):
+    """--jobs: each run is a train.py process with its own log; the seeds' checkpoints and the table are as in-process."""
+    import compare
+
+    tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
+    compare.main(["--data-root", synth, "--methods", "triplet", "csn", "--epochs", "1", "--split", "valid", "--seeds", "3",
+                  "--out-dir", str(tmp_path), "--jobs", "2", "--train-args"] + tiny)
+    out = capsys.readouterr().out
+    assert "training 2 runs, 2 at a time" in out and "(2/2; eta 0:00:00)" in out
+    results = json.load(open(tmp_path / "results.json"))
+    for name in ("triplet", "csn"):
+        log = (tmp_path / "seed3" / name / "train.log").read_text()
+        ckpt = torch.load(tmp_path / "seed3" / name / "best.pt", weights_only=True)
+        assert f"method {name} (" in log and "best" in log
+        assert (ckpt["args"]["seed"], ckpt["args"]["method"]) == (3, name)
+        assert results["methods"][name]["seeds"]["3"]["train_seconds"] > 0
+        assert results["methods"][name]["totals"]["3"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
+    # a run that fails stops the comparison with one line naming it and its log
+    with pytest.raises(SystemExit, match=r"^error: Triplet network, seed 4 failed \(exit 2\): .*--margin.*seed4/triplet/train.log"):
+        compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--seeds", "4", "--out-dir", str(tmp_path),
+                      "--jobs", "2", "--train-args", "--margin", "nope"] + tiny)
+
+
 def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth, tmp_path):
     import compare
     from cca import load_pretrained
