@@ -147,7 +147,7 @@ def bench_model(args, device):
                      f"{times['eager fp32 (tf32 mm)'] / times['eager']:.2f}x" if T == triplets[0] else ""))
         else:
             print("   compiled: not measured on the CPU (the demo's step gained nothing there after about a minute of "
-                  "compiling: see the README)")
+                  "compiling: docs/LOG.md)")
     label, m, (xa, xp, xn), ac = modes[0]
     plain = torch.optim.Adam(model.parameters(), lr=1e-4)  # PyTorch's default implementation (foreach)
     t_plain = timeit(lambda: train_step(m, plain, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)

@@ -683,8 +683,7 @@ SYNTH_ATTRIBUTES = {
     "pattern": ["Plain", "Stripes", "Dots", "Checks"],  # global
 }
 # Written into meta.json; raised whenever the drawing changes, so that a set drawn by an older data.py is refused
-# rather than silently trained on. 2: smaller round and deeper V and square necks, taller collar, vertical stripes,
-# finer dots, coarser checks (README, "How the demo's settings were chosen").
+# rather than silently trained on (what changed in each version: docs/LOG.md).
 SYNTH_VERSION = 2
 # Geometry in units of a 64-px frame. Every value differs from its neighbours by a large area of pixels, not by a
 # detail: a small network trained from scratch for minutes must see them (tuned with a proxy of the demo model).

@@ -43,16 +43,10 @@ from evaluate import (CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
               eval_every=1)
-# The demo's budget was chosen by measurement (README, "How the demo's settings were chosen"): at 5e-4 and above the
-# tiny model trained from scratch collapses every condition but colour to a constant; 32 px trains about 3.5x
-# faster than 64 px on a CPU and learned faster per triplet too; 45 epochs took 8 to 10 minutes on 2 cores (README).
-# Margin 0.1 instead of the paper's 0.2: from scratch, an attribute the model has not learned yet sits with every image
-# at one point (a collapse, where the loss is the margin and the gradient is nearly zero); at 0.1 the attributes left
-# that point sooner and more seeds reached 0.80 in the same 45 epochs (README, "How the demo's settings were chosen").
-# The trunk's warm-up (625 steps, 5 epochs) lets block L and the condition token learn to route on the young trunk's
-# features before the trunk fills [CLS], which reaches every attribute's embedding, with colour; from scratch only.
-# Its 6,000 training images are decoded once into memory (18 MB) and batched in the training process: a loader
-# worker decoding JPEGs would take one of a laptop's few cores from the model. Validation every 3 epochs.
+# The demo keeps the recipe's shape with a budget for a laptop CPU (docs/DESIGN.md, "Training"; how each value was
+# chosen: docs/LOG.md). Margin 0.1 and the trunk's warm-up (625 steps, 5 epochs) let the attributes leave the
+# collapsed start sooner when training from scratch. Its 6,000 training images are decoded once into memory (18 MB)
+# and batched in the training process: a loader worker decoding JPEGs would take one of a laptop's few cores.
 # CSN's regularisers for --method csn: the defaults of --embed_loss and --mask_loss in CSN's main.py (csn_regularisers)
 CSN_REG = dict(csn_embed_reg=5e-3, csn_mask_reg=5e-4)
 DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
