@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import data  # noqa: E402
 
 COLOURS = ["Red", "Blue", "Green"]
 LENGTHS = ["Short", "Knee, or longer"]  # a comma inside a value: quoted in the CSV
