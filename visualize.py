@@ -13,18 +13,23 @@ search.py's results under one or several attributes (search_figure).
     feats = embed_items(model, cands, torch.device("cpu"))
     print(visualize.format_retrieval(visualize.predict(model, "shirt.jpg", "sleeve_length", meta, cands, feats), meta, 0))
 
-From the command line (evaluate.py's flags; PNGs go to --out):
+From the command line (PNGs go to --out, by default figures/ beside the checkpoint):
 
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --attention data/synthetic/images/test/00016.jpg
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --retrieve my_shirt.jpg --attr sleeve_length
-    python evaluate.py --ckpt runs/compare/cca2/best.pt --no-score --embeddings --compare runs/compare/triplet/best.pt
+    python visualize.py --ckpt runs/synthetic/best.pt --attention data/synthetic/images/test/00016.jpg
+    python visualize.py --ckpt runs/synthetic/best.pt --retrieve my_shirt.jpg --attr sleeve_length --topk 5
+    python visualize.py --ckpt runs/compare/seed0/cca2/best.pt --embeddings --compare runs/compare/seed0/triplet/best.pt
+
+--retrieve searches the --split's candidates (default test) and --embeddings projects its queries and candidates;
+the scores of a checkpoint are evaluate.py's.
 
 Every figure function writes a PNG and returns what it computed, so that tests and scripts can check
 the numbers behind the picture. Layout sizes are the module constants below; a figure's width and
 height follow from them as each function's docstring states.
 """
 
+import argparse
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -32,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import MEAN, STD, load_image
+from data import EVAL_MISSING, MEAN, STD, error_message, load_image
+from evaluate import device_arg, embed_items, embed_split, load_checkpoint, open_split
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -384,6 +390,30 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
     fig.save(out_path)
     return scores
 
+def method_title(cfg):
+    """A method's name as the paper's tables write it."""
+    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
+
+
+def embeddings_picture(models, items, meta, out_path, device, batch_size=128, workers=2, feats=None) -> dict:
+    """The paper's Figure 5 for `models`, one row each titled by its method: each model embeds the split's queries and
+    candidates (items: evaluate.embed_split's {"query", "candidate"} EvalItems) under their own attributes, and
+    embedding_figure draws them into out_path. feats: models[0]'s features of items, if already embedded (embed_split).
+    Returns embedding_figure's scores."""
+    q, c = items["query"], items["candidate"]
+    attrs, values = torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values])
+    panels = []
+    for i, m in enumerate(models):
+        f = feats if i == 0 and feats is not None else {role: embed_items(m, s, device, batch_size, workers) for role, s in items.items()}
+        panels.append((method_title(m.cfg), torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
+    return embedding_figure(panels, meta, out_path)
+
+
+def format_separation(scores) -> str:
+    """embedding_figure's scores as text: one line per row of the figure."""
+    return "\n".join(f"{title:<16s} nearest-centroid accuracy: " + ", ".join(f"{a} {s:.2f}" for a, s in per_attr.items())
+                     for title, per_attr in scores.items())
+
 # -----------------------------------------------------------------------------
 # search results (search.py query)
 
@@ -424,3 +454,91 @@ def search_figure(query_path, results, attrs, weights, img_size, out_path, query
         write_text(draw, (x, y + side + 2 + A * LINE), f"#{r['rank']}  score {r['score']:.3f}", side, fill=GREY)
     fig.save(out_path)
     return out_path
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # checkpoint and data
+    p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
+    p.add_argument("--split", default="test", choices=("valid", "test"),
+                   help="the split whose candidates --retrieve searches and whose items --embeddings projects")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed image of the split that is missing: error (default), or drop: draw without it")
+    # pictures
+    p.add_argument("--out", default=None, help="folder for the pictures (default: figures/ beside the checkpoint)")
+    p.add_argument("--attention", nargs="+", default=[], metavar="IMG", help="attention of every attribute over these images (paper Fig. 4)")
+    p.add_argument("--retrieve", default=None, metavar="IMG", help="an image (any file) to retrieve for, among the split's candidates")
+    p.add_argument("--attr", default=None, help="the attribute name for --retrieve")
+    p.add_argument("--topk", type=int, default=5, help="results shown by --retrieve")
+    p.add_argument("--embeddings", action="store_true", help="2-D projections of the split's embeddings per attribute (paper Fig. 5)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints drawn beside this one by --embeddings")
+    # system
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch when embedding the split")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    if args.retrieve and not args.attr:
+        p.error("--retrieve needs --attr NAME")
+    if args.attr and not args.retrieve:
+        p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
+    if args.topk < 1:
+        p.error(f"--topk must be at least 1, got {args.topk}")
+    if args.compare and not args.embeddings:
+        p.error("--compare draws beside --embeddings: add --embeddings")
+    if not (args.attention or args.retrieve or args.embeddings):
+        p.error("nothing to draw: add --attention IMG ..., --retrieve IMG --attr NAME or --embeddings (scores: evaluate.py)")
+    for path in args.attention + ([args.retrieve] if args.retrieve else []):  # before any long work
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: image not found: {path}")
+    model, ckpt, root, device = open_split(args)
+    meta = ckpt["meta"]
+    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
+        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
+    if args.retrieve and args.attr not in meta["attributes"]:
+        raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
+    try:
+        return draw(args, model, meta, root, device)
+    except (OSError, ValueError) as e:  # a missing or corrupt image, a --compare checkpoint that does not load: say which
+        raise SystemExit(f"error: {error_message(e)}")
+
+
+def draw(args, model, meta, root, device) -> dict:
+    """The pictures main's flags ask for, into --out; returns what they computed: {"attention": [PNG paths],
+    "retrieval": retrieve's results, "embeddings": embedding_figure's scores}, the keys of the pictures drawn."""
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
+    os.makedirs(out, exist_ok=True)
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
+    others = [load_checkpoint(p, device)[0] for p in args.compare]  # before any long work
+    drawn = {}
+    if args.attention:
+        drawn["attention"] = [attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")) for img in args.attention]
+        for path in drawn["attention"]:
+            print("wrote", path)
+    if not (args.retrieve or args.embeddings):
+        return drawn
+    # the split's features, embedded once for both pictures
+    items, feats = embed_split(model, meta, root, args.split, model.cfg.img_size, device, args.batch_size, args.workers,
+                               missing=args.eval_missing)
+    if args.retrieve:
+        attr = meta["attributes"].index(args.attr)
+        # if the image is one of the split's labelled items for this attribute, mark the results right or wrong
+        known = {os.path.abspath(p): int(v) for s in items.values() for p, a, v in zip(s.paths, s.attrs, s.values) if a == attr}
+        path = os.path.join(out, f"retrieval_{stem(args.retrieve)}_{args.attr}.png")
+        drawn["retrieval"] = retrieval_figure(model, args.retrieve, attr, meta, items["candidate"], feats["candidate"], path,
+                                              args.topk, known.get(os.path.abspath(args.retrieve)))
+        print(format_retrieval(drawn["retrieval"], meta, attr))
+        print("wrote", path)
+    if args.embeddings:
+        path = os.path.join(out, "embeddings.png")
+        drawn["embeddings"] = embeddings_picture([model] + others, items, meta, path, device, args.batch_size, args.workers, feats)
+        print(format_separation(drawn["embeddings"]))
+        print("wrote", path)
+    return drawn
+
+
+if __name__ == "__main__":
+    main()

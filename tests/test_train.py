@@ -1,4 +1,4 @@
-"""End-to-end tests of train.py and evaluate.py on a small synthetic dataset (CPU, 32 px, tiny model)."""
+"""End-to-end tests of train.py, evaluate.py and visualize.py's command on a small synthetic dataset (CPU, 32 px, tiny model)."""
 
 import json
 import math
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
+import visualize
 from cca import CCA, CCAConfig, build_model
 from data import ASEN_FILES
 
@@ -42,20 +43,28 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth120, tmp_path, ca
     assert set(saved["per_attribute"]) <= set(best["meta"]["attributes"]) and 0 <= saved["chance"] < 1
     test = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
     assert 0 < test["total"] <= 1 and test["num_queries"] == 20
-    # the picture flags, as a user reaches them
+    # the pictures, as a user reaches them: visualize.py's command
     img = os.path.join(synth120, "images", "test", "00000.jpg")
     ckpt = str(tmp_path / "best.pt")
-    evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--attention", img,
-                   "--retrieve", img, "--attr", "colour", "--topk", "3", "--embeddings", "--compare", ckpt])
+    drawn = visualize.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig"), "--attention", img,
+                            "--retrieve", img, "--attr", "colour", "--topk", "3", "--embeddings", "--compare", ckpt])
     assert sorted(os.listdir(tmp_path / "fig")) == ["attention_00000.png", "embeddings.png", "retrieval_00000_colour.png"]
+    assert len(drawn["retrieval"]) == 3 and set(drawn["embeddings"]["CCA (Type-2)"]) == set(best["meta"]["attributes"])
     with pytest.raises(SystemExit, match="valid attributes"):
-        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
-    # scores and pictures in one call embed the split once, for both: the same scores as scoring alone
-    both = evaluate.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig2"), "--retrieve", img, "--attr", "colour"])
+        visualize.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
+    # the pictures embed the split once, with embed_split: the same scores as evaluate.py's
+    model, _ = evaluate.load_checkpoint(ckpt)
+    both = evaluate.split_map(*evaluate.embed_split(model, best["meta"], synth120, "test", 32, torch.device("cpu"), workers=0))
     assert both == test
     with pytest.raises(SystemExit):
-        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--compare", ckpt])  # --compare without --embeddings
+        visualize.main(["--ckpt", ckpt, "--workers", "0", "--compare", ckpt])  # --compare without --embeddings
     assert "--compare draws beside --embeddings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--ckpt", ckpt])  # no picture asked for
+    assert e.value.code == 2 and "nothing to draw" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", ckpt, "--attention", img])  # scoring only: the picture flags are visualize.py's
+    assert e.value.code == 2 and "unrecognized arguments: --attention" in capsys.readouterr().err
 
 
 def test_resume_continues_like_an_uninterrupted_run(synth120, tmp_path, capsys):
@@ -533,10 +542,11 @@ def test_user_errors_are_one_line_or_a_flag_error(synth120, tmp_path, capsys, mo
         assert e.value.code == 2 and says in capsys.readouterr().err
     ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth120)
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
+        visualize.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
     assert e.value.code == 2 and "--attr names the attribute for --retrieve" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv)):
+        for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv),
+                     lambda argv: visualize.main(["--ckpt", ckpt, "--embeddings"] + argv)):
             with pytest.raises(SystemExit) as e:
                 main(["--device", "cuda"])
             assert e.value.code == 2 and "cuda: no CUDA GPU is available here" in capsys.readouterr().err
