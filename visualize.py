@@ -56,9 +56,16 @@ DOT = 2  # embedding figure: point radius
 
 ALPHA = (0.3, 0.8)  # heat-map opacity at attention 0 and at 1: the image shows through where attention is low
 HEAT = [(0.0, (0, 0, 0)), (0.4, (0.8, 0, 0)), (0.75, (1, 0.8, 0)), (1.0, (1, 1, 1))]  # black-red-yellow-white
-# a qualitative palette (the ten "Tableau 10" hues); an attribute with more values reuses them in order
+# a qualitative palette (the ten "Tableau 10" hues); an attribute with more values reuses them in order. Its colours
+# are arbitrary: they tell the values apart and the figure says so, unless the values are colour names (COLOURS)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+# values named by a colour (the synthetic set's colour, DARN's clothes color...) are drawn in it; names case-insensitive
+COLOURS = {"red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (235, 200, 0), "green": (44, 160, 44),
+           "cyan": (0, 190, 210), "blue": (31, 90, 220), "navy": (20, 30, 110), "purple": (128, 50, 160),
+           "violet": (148, 103, 189), "magenta": (210, 0, 210), "pink": (240, 120, 180), "brown": (140, 86, 75),
+           "beige": (225, 205, 165), "khaki": (190, 170, 110), "black": (0, 0, 0), "white": (255, 255, 255),
+           "grey": (127, 127, 127), "gray": (127, 127, 127)}
 GREEN, RED, GREY, TEXT = (40, 160, 60), (210, 40, 40), (150, 150, 150), (20, 20, 20)
 
 
@@ -119,6 +126,9 @@ def model_device(model):
 # attention maps (Figure 4)
 
 
+ATTENTION_NOTE = "heat: attention over the patches, mean over heads, normalised per panel"  # what heat_map draws
+
+
 def heat_map(att, side):
     """att (heads, N) weights over the N = grid * grid patches -> (side, side) float array in [0, 1]:
     mean over heads, min-max normalised (the figure shows where, not how much), bilinear upsampling."""
@@ -157,7 +167,8 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     """Write the input image and one heat map per attribute, each panel titled, to out_path (PNG).
 
     Panels of side = panel_side(img_size) in grid_shape(K + 1) (cols, rows); each panel has a LINE-high
-    title above it. Size: width cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD.
+    title above it; a caption line under the panels says what the heat is (ATTENTION_NOTE). Size: width
+    cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD + LINE.
     Returns out_path.
     """
     if not hasattr(model, "attention_maps"):
@@ -178,12 +189,14 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     panels = [("input", picture)] + [(meta["attributes"][k], overlay(picture, heat_map(att[k], side))) for k in range(K)]
 
     cols, rows = grid_shape(len(panels))
-    fig = Image.new("RGB", (cols * side + (cols + 1) * PAD, rows * (LINE + side) + (rows + 1) * PAD), "white")
+    W, H = cols * side + (cols + 1) * PAD, rows * (LINE + side) + (rows + 1) * PAD
+    fig = Image.new("RGB", (W, H + LINE), "white")
     draw = ImageDraw.Draw(fig)
     for i, (title, im) in enumerate(panels):
         x, y = PAD + (i % cols) * (side + PAD), PAD + (i // cols) * (LINE + side + PAD)
         write_text(draw, (x, y), title, side)
         fig.paste(im, (x, y + LINE))
+    write_text(draw, (PAD, H - PAD // 2), ATTENTION_NOTE, W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return out_path
 
@@ -328,25 +341,55 @@ def pca2(x):
     return out
 
 
+def value_colours(meta, attr, n):
+    """(colours, named) of the n values of attribute attr: the colours their names say when every name is one of
+    COLOURS (case-insensitive) and no two are the same, named True; else PALETTE's, in order, named False."""
+    names = [value_name(meta, attr, j).strip().lower() for j in range(n)]
+    if all(name in COLOURS for name in names) and len(set(names)) == n:
+        return [COLOURS[name] for name in names], True
+    return [PALETTE[j % len(PALETTE)] for j in range(n)], False
+
+
+def colour_note(attributes, named) -> str:
+    """The embedding figure's caption line on its colours: which attributes are drawn in the colours their values
+    name (named[a] True) and that the others' colours are arbitrary."""
+    if all(named):
+        return "dot colours: the colours the values name"
+    drawn_as_named = [a for a, n in zip(attributes, named) if n]
+    if not drawn_as_named:
+        return "dot colours: an arbitrary palette, only to tell the values apart"
+    their = "its" if len(drawn_as_named) == 1 else "their"
+    quoted = ", ".join(f"'{a}'" for a in drawn_as_named)
+    return f"dot colours: {quoted} in the colours {their} values name; the other attributes in an arbitrary palette"
+
+
+def outline(colour):
+    """A grey rim for a colour too light to see on the white figure, else None."""
+    return GREY if min(colour) > 200 else None
+
+
 def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
     """One row per (title, feats (n, d), attrs (n,), values (n,)) of `panels`, one column per attribute:
     the 2-D PCA of that attribute's items, coloured by value, with the separation score below each plot;
-    a legend of value names under each column. Values beyond len(PALETTE) reuse colours.
+    a legend of value names under each column. An attribute whose values are colour names is drawn in those
+    colours, any other in PALETTE's (value_colours), values beyond len(PALETTE) reusing them; a caption line
+    says which (colour_note).
 
     Returns {title: {attribute name: leave-one-out nearest-centroid accuracy in the full embedding
     space}} (see centroid_accuracy), over all of an attribute's items; the plot draws at most
     max_points of them (a fixed random subset). Attributes with no items are drawn empty and left out.
     Size: width LABEL_W + PAD + K * (PLOT + PAD), height 2 * PAD + LINE + rows * (PLOT + LINE + PAD)
-    + (V + 1) * LINE, V the largest number of values of an attribute (the legend, then a footnote).
+    + (V + 2) * LINE, V the largest number of values of an attribute (the legend, then two caption lines).
     """
     names = meta["attributes"]
     K, rows = len(names), len(panels)
     seen = [max([int(v[at == a].max()) + 1 for _, _, at, v in panels if (at == a).any()], default=1) for a in range(K)]
     nvals = [max(len(meta["values"][a]), seen[a]) for a in range(K)]  # Zappos' meta lists no values
+    colours, named = zip(*(value_colours(meta, a, nvals[a]) for a in range(K)))
     W = LABEL_W + PAD + K * (PLOT + PAD)
     top = PAD + LINE
     legend_y = top + rows * (PLOT + LINE + PAD)
-    fig = Image.new("RGB", (W, legend_y + (max(nvals) + 1) * LINE + PAD), "white")
+    fig = Image.new("RGB", (W, legend_y + (max(nvals) + 2) * LINE + PAD), "white")
     draw = ImageDraw.Draw(fig)
     for a in range(K):
         write_text(draw, (LABEL_W + PAD + a * (PLOT + PAD), PAD), names[a], PLOT)
@@ -378,15 +421,17 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
             order = torch.randperm(len(sel), generator=g)[:max_points]  # random drawing order: no value always on top
             for i in order.tolist():
                 px, py = x0 + PLOT / 2 + xy[i, 0].item(), y0 + PLOT / 2 - xy[i, 1].item()
-                draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=PALETTE[int(v[i]) % len(PALETTE)])
+                c = colours[a][int(v[i])]
+                draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=c, outline=outline(c))
     for a in range(K):
         x0 = LABEL_W + PAD + a * (PLOT + PAD)
         for j in range(nvals[a]):
             y = legend_y + j * LINE
-            draw.rectangle([x0, y + 4, x0 + 9, y + 13], fill=PALETTE[j % len(PALETTE)])
+            draw.rectangle([x0, y + 4, x0 + 9, y + 13], fill=colours[a][j], outline=outline(colours[a][j]))
             write_text(draw, (x0 + 14, y), value_name(meta, a, j), PLOT - 14, center=False)
     write_text(draw, (PAD, legend_y + max(nvals) * LINE), "NC acc: leave-one-out nearest-centroid accuracy of the value "
                "in the full embedding space; chance: 1 / number of values", W - 2 * PAD, fill=GREY, center=False)
+    write_text(draw, (PAD, legend_y + (max(nvals) + 1) * LINE), colour_note(names, named), W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return scores
 

@@ -47,7 +47,10 @@ def test_attention_figure_size_and_panels(tiny, tmp_path):
     cols, rows = V.grid_shape(K + 1)
     assert (cols, rows) == (6, 1)
     out = V.attention_figure(tiny["model"], tiny["query"].paths[0], tiny["meta"], str(tmp_path / "a.png"))
-    assert png_size(out) == (cols * side + (cols + 1) * V.PAD, rows * (V.LINE + side) + (rows + 1) * V.PAD)
+    H = rows * (V.LINE + side) + (rows + 1) * V.PAD
+    assert png_size(out) == (cols * side + (cols + 1) * V.PAD, H + V.LINE)
+    caption = np.asarray(Image.open(out).convert("RGB"))[H:]  # the line under the panels: ATTENTION_NOTE, in grey
+    assert (caption != 255).any() and "mean over heads" in V.ATTENTION_NOTE and "normalised per panel" in V.ATTENTION_NOTE
     assert V.grid_shape(9) == (5, 2) and V.grid_shape(13) == (5, 3)  # FashionAI's 8 attributes + input: 2 rows
 
 
@@ -202,9 +205,28 @@ def test_embedding_figure_scores_and_size(tiny, tmp_path):
         assert scores["Triplet"][name] < chance + 0.2, name
     rows, V_max = 2, max(len(v) for v in meta["values"])
     assert png_size(out) == (V.LABEL_W + V.PAD + K * (V.PLOT + V.PAD),
-                             2 * V.PAD + V.LINE + rows * (V.PLOT + V.LINE + V.PAD) + (V_max + 1) * V.LINE)
+                             2 * V.PAD + V.LINE + rows * (V.PLOT + V.LINE + V.PAD) + (V_max + 2) * V.LINE)
     pixels = set(map(tuple, np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).tolist()))
-    assert all(V.PALETTE[j] in pixels for j in range(V_max))  # every value's colour is drawn
+    assert all(V.PALETTE[j] in pixels for j in range(max(len(v) for n, v in zip(meta["attributes"], meta["values"]) if n != "colour")))
+    colour = meta["attributes"].index("colour")
+    assert all(V.COLOURS[name.lower()] in pixels for name in meta["values"][colour])  # every value's colour is drawn
+
+
+def test_colour_values_are_drawn_in_their_colours_and_other_palettes_called_arbitrary(tiny):
+    meta = tiny["meta"]
+    colour, sleeve = meta["attributes"].index("colour"), meta["attributes"].index("sleeve_length")
+    colours, named = V.value_colours(meta, colour, len(meta["values"][colour]))
+    assert named and meta["values"][colour][0] == "Red" and colours[0] == V.COLOURS["red"] == (214, 39, 40)
+    assert colours == [V.COLOURS[v.lower()] for v in meta["values"][colour]]  # Red red, Blue blue, ...
+    assert V.value_colours(meta, sleeve, 4) == (V.PALETTE[:4], False)
+    darn = {"attributes": ["clothes color", "clothes pattern"], "values": [["BLACK", " White", "Gray"], ["Plain", "Dots"]]}
+    assert V.value_colours(darn, 0, 3) == ([(0, 0, 0), (255, 255, 255), (127, 127, 127)], True)  # any case, spaces
+    assert V.value_colours(darn, 0, 4)[1] is False  # a value without a name ("value 3"): no named colours
+    assert V.value_colours({"values": [["Red", "red"]]}, 0, 2)[1] is False  # two values, one colour: told apart instead
+    assert V.outline(V.COLOURS["white"]) == V.GREY and V.outline(V.COLOURS["red"]) is None
+    note = V.colour_note(meta["attributes"], [a == colour for a in range(len(meta["attributes"]))])
+    assert note.startswith("dot colours: 'colour' in the colours its values name") and "arbitrary" in note
+    assert "arbitrary" in V.colour_note(["a", "b"], [False, False]) and "arbitrary" not in V.colour_note(["c"], [True])
 
 
 def test_pca2_finds_the_principal_axes():
