@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
+import visualize
 from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, save_backbone
 from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
 from evaluate import evaluate_split, load_checkpoint, mean_average_precision
@@ -195,10 +196,11 @@ def main(argv=None):
         json.dump(dict(data=args.data, split=args.split, chance=chance, seeds=args.seeds, pretrained=args.pretrained, machine=machine(device),
                        wall_seconds=time.time() - t_all, methods=results), f, indent=2, default=str)
     if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
-        ckpt = lambda name: os.path.join(out_dir, f"seed{args.seeds[0]}", name, "best.pt")  # noqa: E731
-        evaluate.main(["--ckpt", ckpt("cca2"), "--compare", ckpt("triplet"), "--embeddings", "--no-score", "--split", args.split,
-                       "--data-root", root, "--out", out_dir, "--eval-missing", args.eval_missing]
-                      + (["--device", args.device] if args.device else []))
+        models = [load_checkpoint(os.path.join(out_dir, f"seed{args.seeds[0]}", name, "best.pt"), device)[0] for name in ("cca2", "triplet")]
+        items = {role: EvalItems(meta["name"], root, args.split, role, models[0].cfg.img_size, args.eval_missing)
+                 for role in ("query", "candidate")}
+        print(visualize.format_separation(visualize.embeddings_picture(models, items, meta, os.path.join(out_dir, "embeddings.png"), device)))
+        print(f"wrote {out_dir}/embeddings.png")
     print(f"wrote {out_dir}/table.md, results.json")
 
 

@@ -4,11 +4,9 @@ Evaluation: the paper's metrics on a checkpoint, rebuilt from the checkpoint alo
     python evaluate.py --ckpt runs/synthetic/best.pt                 # mAP table of the test split
     python evaluate.py --ckpt best.pt --split valid --data-root /data/fashionai --json results.json
 
-Pictures (PNG, into --out; see visualize.py), with or without the scores (--no-score):
+Pictures of a checkpoint (attention maps, retrieval, embedding spaces) are visualize.py's command:
 
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --attention data/synthetic/images/test/00000.jpg
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --retrieve my_shirt.jpg --attr sleeve_length --topk 5
-    python evaluate.py --ckpt runs/compare/cca2/best.pt --no-score --embeddings --compare runs/compare/triplet/best.pt
+    python visualize.py --ckpt runs/synthetic/best.pt --attention data/synthetic/images/test/00000.jpg
 
 ASEN data (FashionAI, DARN, DeepFashion, synthetic): mAP per attribute, the query-weighted total
 (ASEN's "Total MeanAP", the number the paper's tables report) and the plain mean over attributes.
@@ -360,34 +358,11 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
-    p.add_argument("--split", default="test", choices=("valid", "test"), help="which split to score")
-    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
-                   help="a listed image that is missing: error (default), or drop: score without it, the numbers then marked "
-                        "not comparable with published numbers")
-    # pictures
-    p.add_argument("--no-score", action="store_true", help="skip the metrics (only make the pictures asked for)")
-    p.add_argument("--out", default=None, help="folder for the pictures (default: figures/ beside the checkpoint)")
-    p.add_argument("--attention", nargs="+", default=[], metavar="IMG", help="attention of every attribute over these images (paper Fig. 4)")
-    p.add_argument("--retrieve", default=None, metavar="IMG", help="an image (any file) to retrieve for, among the split's candidates")
-    p.add_argument("--attr", default=None, help="the attribute name for --retrieve")
-    p.add_argument("--topk", type=int, default=5, help="results shown by --retrieve")
-    p.add_argument("--embeddings", action="store_true", help="2-D projections of the split's embeddings per attribute (paper Fig. 5)")
-    p.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints drawn beside this one by --embeddings")
-    args = p.parse_args(argv)
-    if args.retrieve and not args.attr:
-        p.error("--retrieve needs --attr NAME")
-    if args.attr and not args.retrieve:
-        p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
-    if args.topk < 1:
-        p.error(f"--topk must be at least 1, got {args.topk}")
+def open_split(args):
+    """What evaluate.py and visualize.py start from: the model of args.ckpt on args.device (default: cuda when
+    available), the dataset it was trained on under args.data_root (default: the checkpoint's), and the listed images
+    of args.split checked under args.eval_missing. Prints what is used; exits with one `error:` line when something
+    does not fit. Returns (model, checkpoint dict, data root, device)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, ckpt = load_checkpoint(args.ckpt, device)
@@ -406,15 +381,6 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if disk_meta["attributes"] != meta["attributes"]:
         raise SystemExit(f"error: {root}: attributes {disk_meta['attributes']} differ from the checkpoint's {meta['attributes']}")
-    for path in args.attention + ([args.retrieve] if args.retrieve else []):  # before any long work
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: image not found: {path}")
-    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
-        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
-    if args.compare and not args.embeddings:
-        p.error("--compare draws beside --embeddings: add --embeddings")
-    if args.retrieve and args.attr not in meta["attributes"]:
-        raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
     cfg = model.cfg
     print(f"{args.ckpt}: {cfg.arch}, method {cfg.method}, type-{cfg.condition_type}, trained {ckpt['epoch'] + 1} epochs on {name}; {args.split} split of {root}")
     try:
@@ -423,27 +389,41 @@ def main(argv=None):
                 print(f"warning: {args.split} {role}: {n} of {listed} listed images are missing; scored without them "
                       f"({NOT_COMPARABLE})")
         print(f"images: {describe_images(name, root, args.split, cfg.img_size)}")
-        return score_and_draw(args, model, ckpt, root, device)
+    except (OSError, ValueError) as e:  # a missing or corrupt image: say which
+        raise SystemExit(f"error: {error_message(e)}")
+    return model, ckpt, root, device
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
+    p.add_argument("--split", default="test", choices=("valid", "test"), help="which split to score")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed image that is missing: error (default), or drop: score without it, the numbers then marked "
+                        "not comparable with published numbers")
+    args = p.parse_args(argv)
+    model, ckpt, root, device = open_split(args)
+    try:
+        return score(args, model, ckpt, root, device)
     except (OSError, ValueError) as e:  # a missing or corrupt image: say which
         raise SystemExit(f"error: {error_message(e)}")
 
 
-def score_and_draw(args, model, ckpt, root, device):
-    meta, name, cfg = ckpt["meta"], ckpt["meta"]["name"], model.cfg
-    result = None
-    # the pictures of the split's items need its features: embed it once for them and for the scores
-    embedded = (embed_split(model, meta, root, args.split, cfg.img_size, device, args.batch_size, args.workers, missing=args.eval_missing)
-                if args.retrieve or args.embeddings else None)
-    if not args.no_score:
-        t0 = time.time()
-        result = split_map(*embedded) if embedded else evaluate_split(model, meta, root, args.split, cfg.img_size, device,
-                                                                      args.batch_size, args.workers, missing=args.eval_missing)
-        chance = chance_map(name, root, args.split, args.eval_missing)
-        print(format_results(result, meta, chance))
-        print(f"({time.time() - t0:.1f} s)")
-    if args.attention or args.retrieve or args.embeddings:
-        draw_pictures(args, model, ckpt, root, device, embedded)
-    if args.json and result is not None:
+def score(args, model, ckpt, root, device):
+    """Print the split's table, write it to --json if asked; return evaluate_split's result."""
+    meta, name = ckpt["meta"], ckpt["meta"]["name"]
+    t0 = time.time()
+    result = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, args.batch_size, args.workers,
+                            missing=args.eval_missing)
+    chance = chance_map(name, root, args.split, args.eval_missing)
+    print(format_results(result, meta, chance))
+    print(f"({time.time() - t0:.1f} s)")
+    if args.json:
         names = meta["attributes"]
         out = dict(checkpoint=args.ckpt, data=name, split=args.split, chance=chance, **result)
         for key in ("per_attribute", "per_attribute_queries", "per_condition", "per_condition_triplets"):
@@ -453,47 +433,6 @@ def score_and_draw(args, model, ckpt, root, device):
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return result
-
-
-def method_title(cfg):
-    """A method's name as the paper's tables write it."""
-    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
-
-
-def draw_pictures(args, model, ckpt, root, device, embedded=None):
-    """embedded: embed_split's (items, feats) of this model, for --retrieve and --embeddings."""
-    import visualize  # pillow drawing: only needed for pictures
-
-    meta = ckpt["meta"]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
-    os.makedirs(out, exist_ok=True)
-    stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
-    for img in args.attention:
-        print("wrote", visualize.attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")))
-    if not (args.retrieve or args.embeddings):
-        return
-    items, feats = embedded
-    if args.retrieve:
-        attr = meta["attributes"].index(args.attr)
-        # if the image is one of the split's labelled items for this attribute, mark the results right or wrong
-        known = {os.path.abspath(p): int(v) for s in items.values() for p, a, v in zip(s.paths, s.attrs, s.values) if a == attr}
-        path = os.path.join(out, f"retrieval_{stem(args.retrieve)}_{args.attr}.png")
-        results = visualize.retrieval_figure(model, args.retrieve, attr, meta, items["candidate"], feats["candidate"], path,
-                                             args.topk, known.get(os.path.abspath(args.retrieve)))
-        print(visualize.format_retrieval(results, meta, attr))
-        print("wrote", path)
-    if args.embeddings:
-        q, c = items["query"], items["candidate"]
-        attrs, values = torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values])
-        panels = []
-        for m in [model] + [load_checkpoint(p, device)[0] for p in args.compare]:
-            f = feats if m is model else {role: embed_items(m, s, device, args.batch_size, args.workers) for role, s in items.items()}
-            panels.append((method_title(m.cfg), torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
-        path = os.path.join(out, "embeddings.png")
-        scores = visualize.embedding_figure(panels, meta, path)
-        for title, per_attr in scores.items():
-            print(f"{title:<16s} nearest-centroid accuracy: " + ", ".join(f"{a} {s:.2f}" for a, s in per_attr.items()))
-        print("wrote", path)
 
 
 if __name__ == "__main__":

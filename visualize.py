@@ -13,18 +13,23 @@ search.py's results under one or several attributes (search_figure).
     feats = embed_items(model, cands, torch.device("cpu"))
     print(visualize.format_retrieval(visualize.predict(model, "shirt.jpg", "sleeve_length", meta, cands, feats), meta, 0))
 
-From the command line (evaluate.py's flags; PNGs go to --out):
+From the command line (PNGs go to --out, by default figures/ beside the checkpoint):
 
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --attention data/synthetic/images/test/00016.jpg
-    python evaluate.py --ckpt runs/synthetic/best.pt --no-score --retrieve my_shirt.jpg --attr sleeve_length
-    python evaluate.py --ckpt runs/compare/cca2/best.pt --no-score --embeddings --compare runs/compare/triplet/best.pt
+    python visualize.py --ckpt runs/synthetic/best.pt --attention data/synthetic/images/test/00016.jpg
+    python visualize.py --ckpt runs/synthetic/best.pt --retrieve my_shirt.jpg --attr sleeve_length --topk 5
+    python visualize.py --ckpt runs/compare/seed0/cca2/best.pt --embeddings --compare runs/compare/seed0/triplet/best.pt
+
+--retrieve searches the --split's candidates (default test) and --embeddings projects its queries and candidates;
+the scores of a checkpoint are evaluate.py's.
 
 Every figure function writes a PNG and returns what it computed, so that tests and scripts can check
 the numbers behind the picture. Layout sizes are the module constants below; a figure's width and
 height follow from them as each function's docstring states.
 """
 
+import argparse
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -32,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import MEAN, STD, load_image
+from data import EVAL_MISSING, MEAN, STD, error_message, load_image
+from evaluate import device_arg, embed_items, embed_split, load_checkpoint, open_split
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -50,9 +56,16 @@ DOT = 2  # embedding figure: point radius
 
 ALPHA = (0.3, 0.8)  # heat-map opacity at attention 0 and at 1: the image shows through where attention is low
 HEAT = [(0.0, (0, 0, 0)), (0.4, (0.8, 0, 0)), (0.75, (1, 0.8, 0)), (1.0, (1, 1, 1))]  # black-red-yellow-white
-# a qualitative palette (the ten "Tableau 10" hues); an attribute with more values reuses them in order
+# a qualitative palette (the ten "Tableau 10" hues); an attribute with more values reuses them in order. Its colours
+# are arbitrary: they tell the values apart and the figure says so, unless the values are colour names (COLOURS)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+# values named by a colour (the synthetic set's colour, DARN's clothes color...) are drawn in it; names case-insensitive
+COLOURS = {"red": (214, 39, 40), "orange": (255, 127, 14), "yellow": (235, 200, 0), "green": (44, 160, 44),
+           "cyan": (0, 190, 210), "blue": (31, 90, 220), "navy": (20, 30, 110), "purple": (128, 50, 160),
+           "violet": (148, 103, 189), "magenta": (210, 0, 210), "pink": (240, 120, 180), "brown": (140, 86, 75),
+           "beige": (225, 205, 165), "khaki": (190, 170, 110), "black": (0, 0, 0), "white": (255, 255, 255),
+           "grey": (127, 127, 127), "gray": (127, 127, 127)}
 GREEN, RED, GREY, TEXT = (40, 160, 60), (210, 40, 40), (150, 150, 150), (20, 20, 20)
 
 
@@ -113,6 +126,9 @@ def model_device(model):
 # attention maps (Figure 4)
 
 
+ATTENTION_NOTE = "heat: attention over the patches, mean over heads, normalised per panel"  # what heat_map draws
+
+
 def heat_map(att, side):
     """att (heads, N) weights over the N = grid * grid patches -> (side, side) float array in [0, 1]:
     mean over heads, min-max normalised (the figure shows where, not how much), bilinear upsampling."""
@@ -151,7 +167,8 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     """Write the input image and one heat map per attribute, each panel titled, to out_path (PNG).
 
     Panels of side = panel_side(img_size) in grid_shape(K + 1) (cols, rows); each panel has a LINE-high
-    title above it. Size: width cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD.
+    title above it; a caption line under the panels says what the heat is (ATTENTION_NOTE). Size: width
+    cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD + LINE.
     Returns out_path.
     """
     if not hasattr(model, "attention_maps"):
@@ -172,12 +189,14 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     panels = [("input", picture)] + [(meta["attributes"][k], overlay(picture, heat_map(att[k], side))) for k in range(K)]
 
     cols, rows = grid_shape(len(panels))
-    fig = Image.new("RGB", (cols * side + (cols + 1) * PAD, rows * (LINE + side) + (rows + 1) * PAD), "white")
+    W, H = cols * side + (cols + 1) * PAD, rows * (LINE + side) + (rows + 1) * PAD
+    fig = Image.new("RGB", (W, H + LINE), "white")
     draw = ImageDraw.Draw(fig)
     for i, (title, im) in enumerate(panels):
         x, y = PAD + (i % cols) * (side + PAD), PAD + (i // cols) * (LINE + side + PAD)
         write_text(draw, (x, y), title, side)
         fig.paste(im, (x, y + LINE))
+    write_text(draw, (PAD, H - PAD // 2), ATTENTION_NOTE, W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return out_path
 
@@ -322,25 +341,55 @@ def pca2(x):
     return out
 
 
+def value_colours(meta, attr, n):
+    """(colours, named) of the n values of attribute attr: the colours their names say when every name is one of
+    COLOURS (case-insensitive) and no two are the same, named True; else PALETTE's, in order, named False."""
+    names = [value_name(meta, attr, j).strip().lower() for j in range(n)]
+    if all(name in COLOURS for name in names) and len(set(names)) == n:
+        return [COLOURS[name] for name in names], True
+    return [PALETTE[j % len(PALETTE)] for j in range(n)], False
+
+
+def colour_note(attributes, named) -> str:
+    """The embedding figure's caption line on its colours: which attributes are drawn in the colours their values
+    name (named[a] True) and that the others' colours are arbitrary."""
+    if all(named):
+        return "dot colours: the colours the values name"
+    drawn_as_named = [a for a, n in zip(attributes, named) if n]
+    if not drawn_as_named:
+        return "dot colours: an arbitrary palette, only to tell the values apart"
+    their = "its" if len(drawn_as_named) == 1 else "their"
+    quoted = ", ".join(f"'{a}'" for a in drawn_as_named)
+    return f"dot colours: {quoted} in the colours {their} values name; the other attributes in an arbitrary palette"
+
+
+def outline(colour):
+    """A grey rim for a colour too light to see on the white figure, else None."""
+    return GREY if min(colour) > 200 else None
+
+
 def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
     """One row per (title, feats (n, d), attrs (n,), values (n,)) of `panels`, one column per attribute:
     the 2-D PCA of that attribute's items, coloured by value, with the separation score below each plot;
-    a legend of value names under each column. Values beyond len(PALETTE) reuse colours.
+    a legend of value names under each column. An attribute whose values are colour names is drawn in those
+    colours, any other in PALETTE's (value_colours), values beyond len(PALETTE) reusing them; a caption line
+    says which (colour_note).
 
     Returns {title: {attribute name: leave-one-out nearest-centroid accuracy in the full embedding
     space}} (see centroid_accuracy), over all of an attribute's items; the plot draws at most
     max_points of them (a fixed random subset). Attributes with no items are drawn empty and left out.
     Size: width LABEL_W + PAD + K * (PLOT + PAD), height 2 * PAD + LINE + rows * (PLOT + LINE + PAD)
-    + (V + 1) * LINE, V the largest number of values of an attribute (the legend, then a footnote).
+    + (V + 2) * LINE, V the largest number of values of an attribute (the legend, then two caption lines).
     """
     names = meta["attributes"]
     K, rows = len(names), len(panels)
     seen = [max([int(v[at == a].max()) + 1 for _, _, at, v in panels if (at == a).any()], default=1) for a in range(K)]
     nvals = [max(len(meta["values"][a]), seen[a]) for a in range(K)]  # Zappos' meta lists no values
+    colours, named = zip(*(value_colours(meta, a, nvals[a]) for a in range(K)))
     W = LABEL_W + PAD + K * (PLOT + PAD)
     top = PAD + LINE
     legend_y = top + rows * (PLOT + LINE + PAD)
-    fig = Image.new("RGB", (W, legend_y + (max(nvals) + 1) * LINE + PAD), "white")
+    fig = Image.new("RGB", (W, legend_y + (max(nvals) + 2) * LINE + PAD), "white")
     draw = ImageDraw.Draw(fig)
     for a in range(K):
         write_text(draw, (LABEL_W + PAD + a * (PLOT + PAD), PAD), names[a], PLOT)
@@ -372,17 +421,43 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
             order = torch.randperm(len(sel), generator=g)[:max_points]  # random drawing order: no value always on top
             for i in order.tolist():
                 px, py = x0 + PLOT / 2 + xy[i, 0].item(), y0 + PLOT / 2 - xy[i, 1].item()
-                draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=PALETTE[int(v[i]) % len(PALETTE)])
+                c = colours[a][int(v[i])]
+                draw.ellipse([px - DOT, py - DOT, px + DOT, py + DOT], fill=c, outline=outline(c))
     for a in range(K):
         x0 = LABEL_W + PAD + a * (PLOT + PAD)
         for j in range(nvals[a]):
             y = legend_y + j * LINE
-            draw.rectangle([x0, y + 4, x0 + 9, y + 13], fill=PALETTE[j % len(PALETTE)])
+            draw.rectangle([x0, y + 4, x0 + 9, y + 13], fill=colours[a][j], outline=outline(colours[a][j]))
             write_text(draw, (x0 + 14, y), value_name(meta, a, j), PLOT - 14, center=False)
     write_text(draw, (PAD, legend_y + max(nvals) * LINE), "NC acc: leave-one-out nearest-centroid accuracy of the value "
                "in the full embedding space; chance: 1 / number of values", W - 2 * PAD, fill=GREY, center=False)
+    write_text(draw, (PAD, legend_y + (max(nvals) + 1) * LINE), colour_note(names, named), W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return scores
+
+def method_title(cfg):
+    """A method's name as the paper's tables write it."""
+    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
+
+
+def embeddings_picture(models, items, meta, out_path, device, batch_size=128, workers=2, feats=None) -> dict:
+    """The paper's Figure 5 for `models`, one row each titled by its method: each model embeds the split's queries and
+    candidates (items: evaluate.embed_split's {"query", "candidate"} EvalItems) under their own attributes, and
+    embedding_figure draws them into out_path. feats: models[0]'s features of items, if already embedded (embed_split).
+    Returns embedding_figure's scores."""
+    q, c = items["query"], items["candidate"]
+    attrs, values = torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values])
+    panels = []
+    for i, m in enumerate(models):
+        f = feats if i == 0 and feats is not None else {role: embed_items(m, s, device, batch_size, workers) for role, s in items.items()}
+        panels.append((method_title(m.cfg), torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
+    return embedding_figure(panels, meta, out_path)
+
+
+def format_separation(scores) -> str:
+    """embedding_figure's scores as text: one line per row of the figure."""
+    return "\n".join(f"{title:<16s} nearest-centroid accuracy: " + ", ".join(f"{a} {s:.2f}" for a, s in per_attr.items())
+                     for title, per_attr in scores.items())
 
 # -----------------------------------------------------------------------------
 # search results (search.py query)
@@ -424,3 +499,91 @@ def search_figure(query_path, results, attrs, weights, img_size, out_path, query
         write_text(draw, (x, y + side + 2 + A * LINE), f"#{r['rank']}  score {r['score']:.3f}", side, fill=GREY)
     fig.save(out_path)
     return out_path
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # checkpoint and data
+    p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
+    p.add_argument("--split", default="test", choices=("valid", "test"),
+                   help="the split whose candidates --retrieve searches and whose items --embeddings projects")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
+                   help="a listed image of the split that is missing: error (default), or drop: draw without it")
+    # pictures
+    p.add_argument("--out", default=None, help="folder for the pictures (default: figures/ beside the checkpoint)")
+    p.add_argument("--attention", nargs="+", default=[], metavar="IMG", help="attention of every attribute over these images (paper Fig. 4)")
+    p.add_argument("--retrieve", default=None, metavar="IMG", help="an image (any file) to retrieve for, among the split's candidates")
+    p.add_argument("--attr", default=None, help="the attribute name for --retrieve")
+    p.add_argument("--topk", type=int, default=5, help="results shown by --retrieve")
+    p.add_argument("--embeddings", action="store_true", help="2-D projections of the split's embeddings per attribute (paper Fig. 5)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints drawn beside this one by --embeddings")
+    # system
+    p.add_argument("--batch-size", type=int, default=128, help="images per batch when embedding the split")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    if args.retrieve and not args.attr:
+        p.error("--retrieve needs --attr NAME")
+    if args.attr and not args.retrieve:
+        p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
+    if args.topk < 1:
+        p.error(f"--topk must be at least 1, got {args.topk}")
+    if args.compare and not args.embeddings:
+        p.error("--compare draws beside --embeddings: add --embeddings")
+    if not (args.attention or args.retrieve or args.embeddings):
+        p.error("nothing to draw: add --attention IMG ..., --retrieve IMG --attr NAME or --embeddings (scores: evaluate.py)")
+    for path in args.attention + ([args.retrieve] if args.retrieve else []):  # before any long work
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: image not found: {path}")
+    model, ckpt, root, device = open_split(args)
+    meta = ckpt["meta"]
+    if meta["format"] != "asen" and (args.retrieve or args.embeddings):
+        raise SystemExit("error: --retrieve and --embeddings need value labels, which zappos's triplet lists do not have")
+    if args.retrieve and args.attr not in meta["attributes"]:
+        raise SystemExit(f"error: unknown attribute {args.attr!r}; valid attributes: {', '.join(meta['attributes'])}")
+    try:
+        return draw(args, model, meta, root, device)
+    except (OSError, ValueError) as e:  # a missing or corrupt image, a --compare checkpoint that does not load: say which
+        raise SystemExit(f"error: {error_message(e)}")
+
+
+def draw(args, model, meta, root, device) -> dict:
+    """The pictures main's flags ask for, into --out; returns what they computed: {"attention": [PNG paths],
+    "retrieval": retrieve's results, "embeddings": embedding_figure's scores}, the keys of the pictures drawn."""
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
+    os.makedirs(out, exist_ok=True)
+    stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
+    others = [load_checkpoint(p, device)[0] for p in args.compare]  # before any long work
+    drawn = {}
+    if args.attention:
+        drawn["attention"] = [attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")) for img in args.attention]
+        for path in drawn["attention"]:
+            print("wrote", path)
+    if not (args.retrieve or args.embeddings):
+        return drawn
+    # the split's features, embedded once for both pictures
+    items, feats = embed_split(model, meta, root, args.split, model.cfg.img_size, device, args.batch_size, args.workers,
+                               missing=args.eval_missing)
+    if args.retrieve:
+        attr = meta["attributes"].index(args.attr)
+        # if the image is one of the split's labelled items for this attribute, mark the results right or wrong
+        known = {os.path.abspath(p): int(v) for s in items.values() for p, a, v in zip(s.paths, s.attrs, s.values) if a == attr}
+        path = os.path.join(out, f"retrieval_{stem(args.retrieve)}_{args.attr}.png")
+        drawn["retrieval"] = retrieval_figure(model, args.retrieve, attr, meta, items["candidate"], feats["candidate"], path,
+                                              args.topk, known.get(os.path.abspath(args.retrieve)))
+        print(format_retrieval(drawn["retrieval"], meta, attr))
+        print("wrote", path)
+    if args.embeddings:
+        path = os.path.join(out, "embeddings.png")
+        drawn["embeddings"] = embeddings_picture([model] + others, items, meta, path, device, args.batch_size, args.workers, feats)
+        print(format_separation(drawn["embeddings"]))
+        print("wrote", path)
+    return drawn
+
+
+if __name__ == "__main__":
+    main()

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import data  # noqa: E402
 
 FIX = os.path.join(REPO, "tests", "fixtures", "fashionai")
 FASHIONAI = data.load_meta("fashionai", FIX)
@@ -144,16 +144,8 @@ def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         data.prepare_dataset("imagenet")
 
-def asen_folder(root, meta_source="meta.json"):
-    """The fixture's FashionAI heads as a whole ASEN folder (every split file present, short or empty)."""
-    os.makedirs(root)
-    for f in data.ASEN_FILES:
-        src = os.path.join(FIX, meta_source if f == "meta.json" else f)
-        shutil.copy(src, os.path.join(root, f)) if os.path.isfile(src) else open(os.path.join(root, f), "w").close()
-    return root
 
-
-def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_synthetic_set(tmp_path, zappos):
+def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_synthetic_set(tmp_path, zappos, asen_folder):
     before = sorted(os.listdir(tmp_path))
     # ASEN's combined meta.json fits FashionAI, DARN and DeepFashion; the folder's name picks one when it can
     for folder, named in (("fashionai", "FashionAI"), ("data", "FashionAI or DARN or DeepFashion")):
@@ -324,26 +316,7 @@ def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
         data.TripletDataset("asen-toy", root, 32, 10)
 
 # -----------------------------------------------------------------------------
-# zappos (CSN format)
-
-
-@pytest.fixture(scope="module")
-def zappos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zappos")
-    names = [f"Shoes/Boots/Brand {i}/{i}.jpg" for i in range(12)]  # paths with spaces, as in UT Zappos50K
-    (root / "filenames.json").write_text("".join(n + "\n" for n in names))
-    os.makedirs(root / "tripletlists")
-    lists = {}
-    for split in ("train", "val", "test"):
-        for c, cond in enumerate(data.ZAPPOS_CONDITIONS):
-            rows = [((3 * k + c) % 12, (3 * k + c + 1) % 12, (3 * k + c + 2) % 12) for k in range(5)]
-            lists[split, c] = rows
-            (root / "tripletlists" / f"{cond}_tripletlist_{split}.txt").write_bytes(
-                "".join(f"{a} {b} {d}\r\n" for a, b, d in rows).encode())
-    for i, n in enumerate(names):
-        os.makedirs(root / "ut-zap50k-images" / os.path.dirname(n), exist_ok=True)
-        Image.new("RGB", (40, 30), (20 * i, 0, 0)).save(root / "ut-zap50k-images" / n)
-    return str(root), lists
+# zappos (CSN format), on conftest.py's zappos folder: 12 images, 5 triplets per condition and split, CRLF ends
 
 
 def test_zappos_train_keeps_anchor_far_close_order(zappos):
@@ -434,14 +407,7 @@ def test_load_image_errors_name_the_path(tmp_path):
         data.load_image(str(tmp_path / "cut.jpg"), 32)
 
 # -----------------------------------------------------------------------------
-# the synthetic dataset
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth") / "s")
-    data.make_synthetic(root, seed=3, workers=1, **SMALL)
-    return root
+# the synthetic dataset (conftest.py's synth: 60 training images, 10 queries and 40 candidates per split)
 
 
 def files_of(root):
@@ -453,9 +419,10 @@ def files_of(root):
     return out
 
 
-def test_synthetic_is_deterministic(synth, tmp_path):
+def test_synthetic_is_deterministic(tmp_path):
+    data.make_synthetic(str(tmp_path / "a"), seed=3, workers=1, **SMALL)
     data.make_synthetic(str(tmp_path / "b"), seed=3, workers=2, **SMALL)  # other worker count, same bytes
-    a, b = files_of(synth), files_of(str(tmp_path / "b"))
+    a, b = files_of(str(tmp_path / "a")), files_of(str(tmp_path / "b"))
     assert len(a) == 60 + 2 * 50 + 9 and a == b
     data.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **SMALL)
     c = files_of(str(tmp_path / "c"))
@@ -589,7 +556,7 @@ def test_cli_synth_and_check(tmp_path):
     assert f"candidate_test.txt:{lineno}: expected 'fid attr value'" in r.stdout
 
 
-def test_cli_check_without_data_on_a_real_folder_says_which_dataset(tmp_path):
+def test_cli_check_without_data_on_a_real_folder_says_which_dataset(tmp_path, asen_folder):
     root = asen_folder(str(tmp_path / "fashionai"))
     r = run("check", "--data-root", root)  # --data left out: synthetic
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

@@ -6,15 +6,12 @@ CPU, deterministic, a few seconds (mostly importing torch); the GPU test skips w
 """
 
 import math
-import os
-import sys
 from fractions import Fraction
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from evaluate import average_precision, mean_average_precision, triplet_accuracy  # noqa: E402
+from evaluate import average_precision, mean_average_precision, triplet_accuracy
 
 
 def frac(x):

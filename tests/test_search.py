@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+import search
+import visualize
+from cca import CCA, CCAConfig
+from data import load_image, load_meta, make_synthetic, read_filenames, read_labels
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import search  # noqa: E402
-import visualize  # noqa: E402
-from cca import CCA, CCAConfig  # noqa: E402
-from data import load_image, load_meta, make_synthetic, read_filenames, read_labels  # noqa: E402
 
 ATTRS = ["sleeve_length", "length", "neckline", "colour", "pattern"]  # the synthetic set's, for the labelled gallery
 

@@ -15,28 +15,28 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import data
+import train
+from cca import CCAConfig, build_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import data  # noqa: E402
-import train  # noqa: E402
-from cca import CCAConfig, build_model  # noqa: E402
 
 SIZE = 24  # prepared size: the 32-px synthetic images are resized on the way, and 24 is a multiple of tiny's stride 8
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth") / "s")
-    data.make_synthetic(root, num_train=60, num_query=10, num_candidate=40, seed=0, size=32, workers=1)
+def prepared(synth, tmp_path_factory):
+    """A copy of conftest.py's small synthetic set with its images prepared at SIZE px."""
+    root = shutil.copytree(synth, str(tmp_path_factory.mktemp("prepared") / "s"))
     data.prepare_images("synthetic", root, SIZE, workers=2)  # two processes, several chunks each
     return root
 
 
 @pytest.fixture
-def copy(synth, tmp_path):
+def copy(prepared, tmp_path):
     """A private copy of the prepared synthetic set, to break."""
-    return shutil.copytree(synth, str(tmp_path / "s"))
+    return shutil.copytree(prepared, str(tmp_path / "s"))
 
 
 def zappos_set(root):
@@ -60,20 +60,20 @@ def zappos_set(root):
 # prepared arrays hold exactly what decoding gives
 
 
-def test_prepared_arrays_equal_read_image(synth):
+def test_prepared_arrays_equal_read_image(prepared):
     for split in ("train", "valid", "test"):
-        p = data.open_prepared("synthetic", synth, split, SIZE)
-        names = data.prepared_names("synthetic", synth)[split]
+        p = data.open_prepared("synthetic", prepared, split, SIZE)
+        names = data.prepared_names("synthetic", prepared)[split]
         assert p.array.shape == (len(names), 3, SIZE, SIZE) and p.header["missing"] == p.header["unreadable"] == []
         for i, name in enumerate(names):
-            assert torch.equal(p.take([i])[0], data.read_image(os.path.join(synth, name), SIZE)), (split, i)
-    assert data.open_prepared("synthetic", synth, "train", 32) is None  # no array at 32 px: decode the files
+            assert torch.equal(p.take([i])[0], data.read_image(os.path.join(prepared, name), SIZE)), (split, i)
+    assert data.open_prepared("synthetic", prepared, "train", 32) is None  # no array at 32 px: decode the files
 
 
-def test_batches_from_prepared_equal_decoded(synth):
-    plain = data.TripletDataset("synthetic", synth, SIZE, 40, seed=1, prepared=False)
-    prep = data.TripletDataset("synthetic", synth, SIZE, 40, seed=1)
-    cached = data.TripletDataset("synthetic", synth, SIZE, 40, seed=1, cache=True, prepared=False)
+def test_batches_from_prepared_equal_decoded(prepared):
+    plain = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1, prepared=False)
+    prep = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1)
+    cached = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1, cache=True, prepared=False)
     assert prep.prepared is not None and prep.images is None and plain.prepared is None
     assert np.array_equal(prep.triplets, plain.triplets)
     rows = np.arange(5, 17)
@@ -95,8 +95,8 @@ def test_batches_from_prepared_equal_decoded(synth):
         assert item[3] == want[3] and all(torch.equal(g, w) for g, w in zip(item[:3], want[:3]))
 
 
-def test_loader_workers_cut_batches_from_the_mapping(synth):
-    prep = data.TripletDataset("synthetic", synth, SIZE, 40, seed=2)
+def test_loader_workers_cut_batches_from_the_mapping(prepared):
+    prep = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=2)
     batches = data.TripletBatches(prep, 8)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1)
     seen = 0
@@ -113,9 +113,9 @@ def test_loader_workers_cut_batches_from_the_mapping(synth):
         batches[5]
 
 
-def test_eval_sets_from_prepared_equal_decoded(synth, tmp_path):
+def test_eval_sets_from_prepared_equal_decoded(prepared, tmp_path):
     for role in ("query", "candidate"):
-        prep, plain = (data.EvalItems("synthetic", synth, "test", role, SIZE, prepared=p) for p in (True, False))
+        prep, plain = (data.EvalItems("synthetic", prepared, "test", role, SIZE, prepared=p) for p in (True, False))
         assert prep.prepared is not None and len(prep) == len(plain)
         for i in range(len(prep)):
             a, b = prep[i], plain[i]
@@ -240,20 +240,20 @@ def run_args(root, out, *more):
             "--batch-size", "8", "--num-triplets", "16", "--eval-batch-size", "32", "--log-every", "1", "--epochs", "1", *more]
 
 
-def test_training_from_prepared_arrays_equals_training_from_memory(synth, tmp_path, capsys):
-    plain = shutil.copytree(synth, str(tmp_path / "plain"), ignore=shutil.ignore_patterns("prepared"))
+def test_training_from_prepared_arrays_equals_training_from_memory(prepared, tmp_path, capsys):
+    plain = shutil.copytree(prepared, str(tmp_path / "plain"), ignore=shutil.ignore_patterns("prepared"))
     train.main(run_args(plain, tmp_path / "a", "--workers", "0", "--cache-images"))
     assert "images: train decoded once into memory; valid decoded from the image files" in capsys.readouterr().out
-    train.main(run_args(synth, tmp_path / "b", "--workers", "0"))  # the same flips, drawn in the training process
+    train.main(run_args(prepared, tmp_path / "b", "--workers", "0"))  # the same flips, drawn in the training process
     out = capsys.readouterr().out
-    assert f"images: train {synth}/prepared/train_24.npy (prepared, memory-mapped); valid {synth}/prepared/valid_24.npy" in out
+    assert f"images: train {prepared}/prepared/train_24.npy (prepared, memory-mapped); valid {prepared}/prepared/valid_24.npy" in out
     assert "torch.compile off, channels-last off" in out  # the CPU default
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=True) for r in "ab")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_compiled_training_saves_plain_weights(synth, tmp_path, monkeypatch, capsys):
+def test_compiled_training_saves_plain_weights(prepared, tmp_path, monkeypatch, capsys):
     """train.py wraps the model with torch.compile and still saves the plain weights. The stance runs the wrapped
     model eagerly (a real compile of this step takes a minute or more on 2 CPU cores), which keeps the wrapper and
     its prefixed names."""
@@ -262,7 +262,7 @@ def test_compiled_training_saves_plain_weights(synth, tmp_path, monkeypatch, cap
     wrapped, compile_ = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: wrapped.append(compile_(m, **kw)) or wrapped[-1])
     with torch.compiler.set_stance("force_eager"):
-        train.main(run_args(synth, tmp_path, "--workers", "0", "--compile"))
+        train.main(run_args(prepared, tmp_path, "--workers", "0", "--compile"))
     assert "torch.compile on" in capsys.readouterr().out and len(wrapped) == 1
     assert all(k.startswith("_orig_mod.") for k in wrapped[0].state_dict())  # what saving the wrapper would give
     for name in ("best.pt", "last.pt"):
@@ -349,8 +349,8 @@ def test_cuda_compiled_and_channels_last_steps_match_eager():
 
 
 @cuda
-def test_cuda_training_compiles_reports_mfu_and_saves_plain_weights(synth, tmp_path, capsys):
-    train.main(run_args(synth, tmp_path, "--device", "cuda", "--workers", "1", "--channels-last"))
+def test_cuda_training_compiles_reports_mfu_and_saves_plain_weights(prepared, tmp_path, capsys):
+    train.main(run_args(prepared, tmp_path, "--device", "cuda", "--workers", "1", "--channels-last"))
     out = capsys.readouterr().out
     assert "torch.compile on, channels-last on" in out and "GFLOPs per training image (counted)" in out
     if train.gpu_peak(torch.device("cuda")):

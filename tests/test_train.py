@@ -1,4 +1,4 @@
-"""End-to-end tests of train.py and evaluate.py on a small synthetic dataset (CPU, 32 px, tiny model)."""
+"""End-to-end tests of train.py, evaluate.py and visualize.py's command on a small synthetic dataset (CPU, 32 px, tiny model)."""
 
 import json
 import math
@@ -15,17 +15,11 @@ import torch.nn.functional as F
 
 import evaluate
 import train
+import visualize
 from cca import CCA, CCAConfig, build_model
-from data import ASEN_FILES, make_synthetic
+from data import ASEN_FILES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    make_synthetic(root, num_train=120, num_query=20, num_candidate=40, seed=0, size=32, workers=1)
-    return root
 
 
 def common(root, out):
@@ -33,8 +27,8 @@ def common(root, out):
             "--batch-size", "8", "--num-triplets", "16", "--workers", "0", "--eval-batch-size", "32", "--log-every", "1"]
 
 
-def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsys):
-    train.main(common(synth, tmp_path) + ["--epochs", "1"])
+def test_two_steps_write_checkpoints_that_evaluate_scores(synth120, tmp_path, capsys):
+    train.main(common(synth120, tmp_path) + ["--epochs", "1"])
     log = capsys.readouterr().out
     assert "step 2/2" in log and "total (query-weighted" in log
     best = torch.load(tmp_path / "best.pt", weights_only=True)  # plain types only: loads with weights_only
@@ -49,26 +43,34 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth, tmp_path, capsy
     assert set(saved["per_attribute"]) <= set(best["meta"]["attributes"]) and 0 <= saved["chance"] < 1
     test = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--workers", "0"])
     assert 0 < test["total"] <= 1 and test["num_queries"] == 20
-    # the picture flags, as a user reaches them
-    img = os.path.join(synth, "images", "test", "00000.jpg")
+    # the pictures, as a user reaches them: visualize.py's command
+    img = os.path.join(synth120, "images", "test", "00000.jpg")
     ckpt = str(tmp_path / "best.pt")
-    evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--attention", img,
-                   "--retrieve", img, "--attr", "colour", "--topk", "3", "--embeddings", "--compare", ckpt])
+    drawn = visualize.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig"), "--attention", img,
+                            "--retrieve", img, "--attr", "colour", "--topk", "3", "--embeddings", "--compare", ckpt])
     assert sorted(os.listdir(tmp_path / "fig")) == ["attention_00000.png", "embeddings.png", "retrieval_00000_colour.png"]
+    assert len(drawn["retrieval"]) == 3 and set(drawn["embeddings"]["CCA (Type-2)"]) == set(best["meta"]["attributes"])
     with pytest.raises(SystemExit, match="valid attributes"):
-        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
-    # scores and pictures in one call embed the split once, for both: the same scores as scoring alone
-    both = evaluate.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig2"), "--retrieve", img, "--attr", "colour"])
+        visualize.main(["--ckpt", ckpt, "--workers", "0", "--out", str(tmp_path / "fig"), "--retrieve", img, "--attr", "hat"])
+    # the pictures embed the split once, with embed_split: the same scores as evaluate.py's
+    model, _ = evaluate.load_checkpoint(ckpt)
+    both = evaluate.split_map(*evaluate.embed_split(model, best["meta"], synth120, "test", 32, torch.device("cpu"), workers=0))
     assert both == test
     with pytest.raises(SystemExit):
-        evaluate.main(["--ckpt", ckpt, "--no-score", "--workers", "0", "--compare", ckpt])  # --compare without --embeddings
+        visualize.main(["--ckpt", ckpt, "--workers", "0", "--compare", ckpt])  # --compare without --embeddings
     assert "--compare draws beside --embeddings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--ckpt", ckpt])  # no picture asked for
+    assert e.value.code == 2 and "nothing to draw" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", ckpt, "--attention", img])  # scoring only: the picture flags are visualize.py's
+    assert e.value.code == 2 and "unrecognized arguments: --attention" in capsys.readouterr().err
 
 
-def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path, capsys):
-    train.main(common(synth, tmp_path / "straight") + ["--epochs", "2"])
-    train.main(common(synth, tmp_path / "split") + ["--epochs", "1"])
-    train.main(common(synth, tmp_path / "split") + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
+def test_resume_continues_like_an_uninterrupted_run(synth120, tmp_path, capsys):
+    train.main(common(synth120, tmp_path / "straight") + ["--epochs", "2"])
+    train.main(common(synth120, tmp_path / "split") + ["--epochs", "1"])
+    train.main(common(synth120, tmp_path / "split") + ["--epochs", "2", "--resume", str(tmp_path / "split" / "last.pt")])
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1
@@ -81,12 +83,12 @@ def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path, capsys):
     b["optimizer"]["param_groups"] = [dict(groups[1], params=groups[0]["params"] + groups[1]["params"])]
     torch.save(b, tmp_path / "old.pt")
     with pytest.raises(SystemExit, match="old.pt: written by an older train.py"):
-        train.main(common(synth, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "old.pt")])
+        train.main(common(synth120, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "old.pt")])
     # a flag that shapes the model, given with --resume, must agree with the checkpoint: an error naming both values
     last = str(tmp_path / "split" / "last.pt")
     for flag, given, saved in (("--arch", "vit_r50_b16", "tiny"), ("--img-size", "64", "32"), ("--out-dim", "32", "16"),
                                ("--method", "csn", "cca"), ("--condition-type", "1", "2")):
-        argv = common(synth, tmp_path / "split")
+        argv = common(synth120, tmp_path / "split")
         for f in ("--img-size", "--out-dim"):  # leave out common()'s values of these two
             i = argv.index(f)
             argv = argv[:i] + argv[i + 2:]
@@ -94,15 +96,15 @@ def test_resume_continues_like_an_uninterrupted_run(synth, tmp_path, capsys):
             train.main(argv + ["--epochs", "3", "--resume", last, flag, given])
     capsys.readouterr()
     # a finished run: nothing to do, said so, exit 0, and no "done in 0:00:00"
-    train.main(common(synth, tmp_path / "split") + ["--epochs", "2", "--resume", last])
+    train.main(common(synth120, tmp_path / "split") + ["--epochs", "2", "--resume", last])
     out = capsys.readouterr().out
     assert f"{last} has finished epoch 2, and --epochs is 2: nothing left to do" in out and "done in" not in out
     assert torch.load(last, weights_only=True)["history"] == b["history"]  # untouched
 
 
-def test_torchrun_two_ranks_gloo(synth, tmp_path):
+def test_torchrun_two_ranks_gloo(synth120, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *common(synth, tmp_path), "--epochs", "1", "--device", "cpu"]
+           *common(synth120, tmp_path), "--epochs", "1", "--device", "cpu"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # one try: a teardown abort is a bug
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "on 2 rank(s)" in r.stdout and "total (query-weighted" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
@@ -162,7 +164,7 @@ def test_gather_by_index_on_uneven_shards_puts_every_item_back_once(tmp_path):
     assert torch.equal(gathered, expected)
 
 
-def test_a_nan_loss_stops_the_run_before_any_checkpoint(synth, tmp_path, monkeypatch):
+def test_a_nan_loss_stops_the_run_before_any_checkpoint(synth120, tmp_path, monkeypatch):
     real = train.triplet_loss
 
     def nan_loss(a, p, n, margin):
@@ -171,11 +173,11 @@ def test_a_nan_loss_stops_the_run_before_any_checkpoint(synth, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "triplet_loss", nan_loss)
     with pytest.raises(SystemExit, match=re.escape("error: the loss is not finite (nan or inf) at epoch 1 step 1: stopped")):
-        train.main(common(synth, tmp_path) + ["--epochs", "1"])
+        train.main(common(synth120, tmp_path) + ["--epochs", "1"])
     assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
 
 
-def test_a_nan_between_progress_lines_is_caught_at_its_step_and_never_saved(synth, tmp_path, monkeypatch):
+def test_a_nan_between_progress_lines_is_caught_at_its_step_and_never_saved(synth120, tmp_path, monkeypatch):
     real, calls = train.triplet_loss, []
 
     def nan_on_step_6(a, p, n, margin):  # step 6 of 8, between the progress lines of steps 4 and 8
@@ -184,7 +186,7 @@ def test_a_nan_between_progress_lines_is_caught_at_its_step_and_never_saved(synt
         return loss * float("nan") if len(calls) == 6 else loss, acc
 
     monkeypatch.setattr(train, "triplet_loss", nan_on_step_6)
-    args = common(synth, tmp_path) + ["--epochs", "2", "--num-triplets", "32", "--log-every", "4"]  # 4 steps an epoch
+    args = common(synth120, tmp_path) + ["--epochs", "2", "--num-triplets", "32", "--log-every", "4"]  # 4 steps an epoch
     with pytest.raises(SystemExit, match=re.escape("error: the loss is not finite (nan or inf) at epoch 2 step 2: stopped")):
         train.main(args)
     last = torch.load(tmp_path / "last.pt", weights_only=True)  # epoch 1's, from before the nan
@@ -224,13 +226,13 @@ def test_csn_loss_with_its_regularisers_equals_the_written_out_form():
     torch.testing.assert_close(loss, triplet, atol=1e-6, rtol=1e-5)
 
 
-def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
+def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
     for bad in (["--batch-size", "0"], ["--data", "imagenet"], ["--epochs", "-1"], ["--lr", "0"], ["--margin", "-0.1"], ["--trunk-warmup", "-1"],
                 ["--condition-type", "3"], ["--csn-mask-reg", "1e-3"], ["--method", "csn", "--csn-embed-reg", "-1"]):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
-    args = train.parse_args(common(synth, tmp_path) + ["--batch-size", "64"])
+    args = train.parse_args(common(synth120, tmp_path) + ["--batch-size", "64"])
     with pytest.raises(ValueError, match="does not divide over 3 ranks"):
         train.train(args, rank=0, world=3, device=torch.device("cpu"))
     r = subprocess.run([sys.executable, "train.py", "--data", "fashionai", "--data-root", str(tmp_path / "nowhere")], cwd=ROOT,
@@ -243,7 +245,7 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth, tmp_path):
         evaluate.main(["--ckpt", str(tmp_path / "broken.pt")])
     torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
     with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
-        train.main(common(synth, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
+        train.main(common(synth120, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
     # a TF-ASEN checkpoint from before ASEN's module was followed: one line naming the keys, no traceback
     sd = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen")).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("condition.")}
@@ -263,7 +265,7 @@ def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
     assert train.parse_args(["--margin", "0.3"]).margin == 0.3  # a flag beats either default
 
 
-def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth, tmp_path):
+def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth120, tmp_path):
     model = CCA(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16))
     trunk, rest = train.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -279,7 +281,7 @@ def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth, tmp_path):
     train.set_trunk_lr(opt, 0, 0)
     assert opt.param_groups[0]["lr"] == 1e-3  # no warmup
     # two steps with a warmup far longer than the run: the trunk stays put (rates 0 and 1e-9 of lr), block L moves
-    train.main(common(synth, tmp_path) + ["--epochs", "1", "--trunk-warmup", "1000000000"])
+    train.main(common(synth120, tmp_path) + ["--epochs", "1", "--trunk-warmup", "1000000000"])
     torch.manual_seed(0)  # train.py --seed 0 draws these initial weights
     before = CCA(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16)).state_dict()
     after = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
@@ -290,8 +292,8 @@ def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["triplet", "csn", "asen"])
-def test_every_method_trains_and_evaluates(synth, tmp_path, method):
-    train.main(common(synth, tmp_path) + ["--epochs", "1", "--method", method])
+def test_every_method_trains_and_evaluates(synth120, tmp_path, method):
+    train.main(common(synth120, tmp_path) + ["--epochs", "1", "--method", method])
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
     assert ckpt["config"]["method"] == method
     assert (ckpt["args"]["csn_embed_reg"], ckpt["args"]["csn_mask_reg"]) == ((5e-3, 5e-4) if method == "csn" else (0, 0))  # CSN's
@@ -299,10 +301,7 @@ def test_every_method_trains_and_evaluates(synth, tmp_path, method):
     assert result["total"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
 
 
-from test_data import asen_folder, zappos  # noqa: E402,F401  an ASEN folder; the CSN-format fixture (12 images, 5 triplets per list)
-
-
-def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):  # noqa: F811
+def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):
     root, _ = zappos
     train.main(["--data", "zappos", "--data-root", root, "--out-dir", str(tmp_path), "--arch", "tiny", "--img-size", "32", "--out-dim", "16",
                 "--batch-size", "4", "--num-triplets", "8", "--workers", "0", "--epochs", "1"])
@@ -313,11 +312,11 @@ def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):  #
     assert ckpt["meta"]["format"] == "zappos" and 0 <= result["total"] <= 1
 
 
-def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth, tmp_path, capsys):
+def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth120, tmp_path, capsys):
     import compare
 
     tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
-    compare.main(["--data-root", synth, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--seeds", "0", "1",
+    compare.main(["--data-root", synth120, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--seeds", "0", "1",
                   "--out-dir", str(tmp_path), "--train-args"] + tiny)
     out = capsys.readouterr().out
     table = (tmp_path / "table.md").read_text()
@@ -338,17 +337,17 @@ def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth, t
     assert "mean over 2 seeds (0, 1)" in table and "from scratch" in table
     assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
     # a second call trains nothing: every (method, seed) has its best.pt
-    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "1",
+    compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "1",
                   "--out-dir", str(tmp_path), "--train-args"] + tiny)
     assert "seed1/triplet/best.pt exists, not trained again" in capsys.readouterr().out
 
 
-def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth, tmp_path, capsys):
+def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth120, tmp_path, capsys):
     """--jobs: each run is a train.py process with its own log; the seeds' checkpoints and the table are as in-process."""
     import compare
 
     tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
-    compare.main(["--data-root", synth, "--methods", "triplet", "csn", "--epochs", "1", "--split", "valid", "--seeds", "3",
+    compare.main(["--data-root", synth120, "--methods", "triplet", "csn", "--epochs", "1", "--split", "valid", "--seeds", "3",
                   "--out-dir", str(tmp_path), "--jobs", "2", "--train-args"] + tiny)
     out = capsys.readouterr().out
     assert "training 2 runs, 2 at a time" in out and "(2/2; eta 0:00:00)" in out
@@ -362,11 +361,11 @@ def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth, t
         assert results["methods"][name]["totals"]["3"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
     # a run that fails stops the comparison with one line naming it and its log
     with pytest.raises(SystemExit, match=r"^error: Triplet network, seed 4 failed \(exit 2\): .*--margin.*seed4/triplet/train.log"):
-        compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--seeds", "4", "--out-dir", str(tmp_path),
+        compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--seeds", "4", "--out-dir", str(tmp_path),
                       "--jobs", "2", "--train-args", "--margin", "nope"] + tiny)
 
 
-def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth, tmp_path):
+def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth120, tmp_path):
     import compare
     from cca import load_pretrained
 
@@ -387,7 +386,7 @@ def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comp
         assert report["loaded"] == [k for k in own if not k.startswith(("condition.", "head."))] and not report["resized"]
         assert sorted(report["loaded"]) == sorted(saved["state_dict"]) and not report["dropped"]
         assert all(torch.equal(own[k], saved["state_dict"][k]) for k in report["loaded"])
-    compare.main(["--data-root", synth, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "0", "--pretrained", path,
+    compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "0", "--pretrained", path,
                   "--out-dir", str(tmp_path / "cmp"), "--train-args", "--img-size", "32", "--out-dim", "16", "--batch-size", "8",
                   "--num-triplets", "16", "--workers", "0"])
     ckpt = torch.load(tmp_path / "cmp" / "seed0" / "triplet" / "best.pt", weights_only=True)
@@ -395,11 +394,11 @@ def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comp
     assert "from the pretrained trunk" in (tmp_path / "cmp" / "table.md").read_text()
 
 
-def test_missing_images_are_reported_up_front(synth, tmp_path, capsys):
+def test_missing_images_are_reported_up_front(synth120, tmp_path, capsys):
     import shutil
 
     root = str(tmp_path / "synthetic")
-    shutil.copytree(synth, root)
+    shutil.copytree(synth120, root)
     os.remove(os.path.join(root, "images", "train", "00003.jpg"))  # a training image gone: train without it
     train.main(common(root, tmp_path / "run") + ["--epochs", "1"])
     assert "1 of 120 training images are missing" in capsys.readouterr().out
@@ -422,22 +421,22 @@ def untrained_checkpoint(path, root):
     return str(path)
 
 
-def test_a_real_folder_without_its_data_flag_is_named_in_train_and_evaluate(synth, tmp_path):
+def test_a_real_folder_without_its_data_flag_is_named_in_train_and_evaluate(synth120, tmp_path, asen_folder):
     root = asen_folder(str(tmp_path / "fashionai"))
     with pytest.raises(SystemExit, match=re.escape(f"error: {root} looks like FashionAI (ASEN's split files), not the synthetic set: "
                                                    "add --data fashionai")):
         train.main(["--data-root", root, "--out-dir", str(tmp_path / "run")])
-    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth)
+    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth120)
     with pytest.raises(SystemExit, match=re.escape(f"error: {ckpt} was trained on synthetic, but {root} looks like FashionAI")):
         evaluate.main(["--ckpt", ckpt, "--data-root", root, "--workers", "0"])
     assert sorted(os.listdir(root)) == sorted(ASEN_FILES)  # nothing drawn into it
 
 
-def test_missing_evaluation_images_stop_training_before_its_first_step_unless_dropped(synth, tmp_path, capsys):
+def test_missing_evaluation_images_stop_training_before_its_first_step_unless_dropped(synth120, tmp_path, capsys):
     import shutil
 
     root = str(tmp_path / "synthetic")
-    shutil.copytree(synth, root)
+    shutil.copytree(synth120, root)
     for split, role in (("valid", "query"), ("test", "candidate")):  # one image of each gone
         fid = int(open(os.path.join(root, f"{role}_{split}.txt")).readline().split()[0])
         os.remove(os.path.join(root, open(os.path.join(root, f"filenames_{split}.txt")).read().split()[fid]))
@@ -473,7 +472,7 @@ def test_compare_table_marks_an_incomplete_split():
         "their images missing (--eval-missing drop).")
 
 
-def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_gone(synth, zappos, tmp_path, capsys):  # noqa: F811
+def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_gone(synth120, zappos, tmp_path, capsys):
     import shutil
 
     import numpy as np
@@ -483,7 +482,7 @@ def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_go
     # DeepFashion-like labels: nearly every image also carries value 0 of every attribute, so that some negatives
     # still share the anchor's value after the redraws; the in-memory batches then ran past the epoch (IndexError)
     root = str(tmp_path / "multi")
-    shutil.copytree(synth, root)
+    shutil.copytree(synth120, root)
     lines = open(os.path.join(root, "label_train.txt")).read().splitlines()
     with open(os.path.join(root, "label_train.txt"), "w") as f:
         f.writelines(line + ("".join(f" {a} 0" for a in range(5)) if i % 20 else "") + "\n" for i, line in enumerate(lines))
@@ -504,14 +503,14 @@ def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_go
     assert "zappos: 1 steps of 4 triplets" in out and "step 1/1" in out
 
 
-def corrupt_first_anchor(synth, root):
+def corrupt_first_anchor(synth120, root):
     """A copy of the synthetic set whose first training triplet's anchor (rank 0's first image under torchrun too)
     is not a JPEG any more; returns its path."""
     import shutil
 
     from data import TripletDataset
 
-    shutil.copytree(synth, root)
+    shutil.copytree(synth120, root)
     ds = TripletDataset("synthetic", root, 32, 16, seed=0)
     path = ds.paths[ds.triplets[0, 0]]
     with open(path, "wb") as f:
@@ -519,8 +518,8 @@ def corrupt_first_anchor(synth, root):
     return path
 
 
-def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_naming_it(synth, tmp_path):
-    path = corrupt_first_anchor(synth, str(tmp_path / "synthetic"))
+def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_naming_it(synth120, tmp_path):
+    path = corrupt_first_anchor(synth120, str(tmp_path / "synthetic"))
     args = [*common(str(tmp_path / "synthetic"), tmp_path / "run"), "--epochs", "1", "--workers", "1", "--no-cache-images"]
     with pytest.raises(SystemExit) as e:  # SystemExit's text is what the command prints: one line
         train.main(args)
@@ -532,7 +531,7 @@ def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_nam
     assert "step 1/" not in r.stdout and not os.path.exists(tmp_path / "run" / "last.pt")
 
 
-def test_user_errors_are_one_line_or_a_flag_error(synth, tmp_path, capsys, monkeypatch):
+def test_user_errors_are_one_line_or_a_flag_error(synth120, tmp_path, capsys, monkeypatch):
     import runpy
 
     for bad, says in ((["--img-size", "0"], "--img-size must be at least 1, got 0"), (["--img-size", "-32"], "got -32"),
@@ -541,12 +540,13 @@ def test_user_errors_are_one_line_or_a_flag_error(synth, tmp_path, capsys, monke
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2 and says in capsys.readouterr().err
-    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth)
+    ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth120)
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
+        visualize.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
     assert e.value.code == 2 and "--attr names the attribute for --retrieve" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv)):
+        for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv),
+                     lambda argv: visualize.main(["--ckpt", ckpt, "--embeddings"] + argv)):
             with pytest.raises(SystemExit) as e:
                 main(["--device", "cuda"])
             assert e.value.code == 2 and "cuda: no CUDA GPU is available here" in capsys.readouterr().err
@@ -558,11 +558,11 @@ def test_user_errors_are_one_line_or_a_flag_error(synth, tmp_path, capsys, monke
         evaluate.main(["--ckpt", readme])
     assert e.value.code.startswith(f"error: {readme}: cannot read as a PyTorch file") and "weights_only" not in e.value.code
     with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path} is a folder")):
-        train.main(common(synth, tmp_path / "run") + ["--resume", str(tmp_path)])
+        train.main(common(synth120, tmp_path / "run") + ["--resume", str(tmp_path)])
     # weights that do not fit: one line from train.py (load_pretrained raised a KeyError, which it did not catch)
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match=r"error: .*other.pth: does not fit arch 'tiny'"):
-        train.main(common(synth, tmp_path / "run") + ["--pretrained", str(tmp_path / "other.pth")])
+        train.main(common(synth120, tmp_path / "run") + ["--pretrained", str(tmp_path / "other.pth")])
     # cca.py convert with a missing file, a file of no weights, a bad --img-size: one line each
     for argv, says in (([str(tmp_path / "none.npz")], "pretrained weights not found"), ([readme], "unknown weight format"),
                        ([str(tmp_path / "other.pth")], "does not fit arch"), ([ckpt, "--img-size", "0"], "img_size must be")):

@@ -6,27 +6,23 @@ attention map, and by the numbers the figure functions return.
     python -m pytest -q tests/test_visualize.py
 """
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import visualize as V  # noqa: E402
-from cca import CCA, CCAConfig  # noqa: E402
-from data import EvalItems, load_image, load_meta, make_synthetic  # noqa: E402
+import visualize as V
+from cca import CCA, CCAConfig
+from data import EvalItems, load_image, load_meta
 
 S = 32  # image side; the tiny arch has output stride 8, so a 4 x 4 patch grid
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data") / "synthetic")
-    make_synthetic(root, num_train=60, num_query=10, num_candidate=30, size=S, workers=1)
+def tiny(synth):
+    """An untrained tiny model on conftest.py's small synthetic set (32 px), and that set's test queries and candidates."""
+    root = synth
     meta = load_meta("synthetic", root)
     torch.manual_seed(0)
     model = CCA(CCAConfig(arch="tiny", num_conditions=len(meta["attributes"]), img_size=S, out_dim=16)).eval()
@@ -44,20 +40,23 @@ def png_size(path):
 # attention figure
 
 
-def test_attention_figure_size_and_panels(synth, tmp_path):
-    K = len(synth["meta"]["attributes"])  # 5: six panels with the input, one row
+def test_attention_figure_size_and_panels(tiny, tmp_path):
+    K = len(tiny["meta"]["attributes"])  # 5: six panels with the input, one row
     side = V.panel_side(S)
     assert side == 192  # 32 px scaled up 6 times
     cols, rows = V.grid_shape(K + 1)
     assert (cols, rows) == (6, 1)
-    out = V.attention_figure(synth["model"], synth["query"].paths[0], synth["meta"], str(tmp_path / "a.png"))
-    assert png_size(out) == (cols * side + (cols + 1) * V.PAD, rows * (V.LINE + side) + (rows + 1) * V.PAD)
+    out = V.attention_figure(tiny["model"], tiny["query"].paths[0], tiny["meta"], str(tmp_path / "a.png"))
+    H = rows * (V.LINE + side) + (rows + 1) * V.PAD
+    assert png_size(out) == (cols * side + (cols + 1) * V.PAD, H + V.LINE)
+    caption = np.asarray(Image.open(out).convert("RGB"))[H:]  # the line under the panels: ATTENTION_NOTE, in grey
+    assert (caption != 255).any() and "mean over heads" in V.ATTENTION_NOTE and "normalised per panel" in V.ATTENTION_NOTE
     assert V.grid_shape(9) == (5, 2) and V.grid_shape(13) == (5, 3)  # FashionAI's 8 attributes + input: 2 rows
 
 
-def test_heat_follows_the_attention(synth, tmp_path, monkeypatch):
+def test_heat_follows_the_attention(tiny, tmp_path, monkeypatch):
     """A one-hot attention at a different patch per condition: each panel's hottest pixel lies in that patch."""
-    model, meta = synth["model"], synth["meta"]
+    model, meta = tiny["model"], tiny["meta"]
     K, grid, heads = len(meta["attributes"]), model.cfg.grid, 4
     assert grid == 4
     patch = [(k * 7 + 2) % (grid * grid) for k in range(K)]  # distinct patches: 2, 9, 0, 7, 14
@@ -71,7 +70,10 @@ def test_heat_follows_the_attention(synth, tmp_path, monkeypatch):
         return att / att.sum(-1, keepdim=True)
 
     monkeypatch.setattr(model, "attention_maps", one_hot)
-    out = V.attention_figure(model, synth["query"].paths[0], meta, str(tmp_path / "a.png"))
+    # a plain grey input: the panels' only structure is then the heat (a light garment seen through the cold patches
+    # could outshine the hot patch's red edge in the patch averages below)
+    Image.new("RGB", (S, S), (128, 128, 128)).save(tmp_path / "grey.png")
+    out = V.attention_figure(model, str(tmp_path / "grey.png"), meta, str(tmp_path / "a.png"))
     assert seen == [list(range(K))]
     fig = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
     side, cell = V.panel_side(S), V.panel_side(S) // grid
@@ -95,13 +97,13 @@ def test_heat_map_is_normalised_and_upsampled():
         V.heat_map(torch.ones(1, 5), 8)
 
 
-def test_attention_figure_refuses_a_model_without_attention(synth, tmp_path):
+def test_attention_figure_refuses_a_model_without_attention(tiny, tmp_path):
     class Baseline(torch.nn.Module):  # one embedding space, no conditional attention
         def forward(self, images, conditions):
             return images.flatten(1)
 
     with pytest.raises(ValueError, match="attention_maps"):
-        V.attention_figure(Baseline(), synth["query"].paths[0], synth["meta"], str(tmp_path / "a.png"), img_size=S)
+        V.attention_figure(Baseline(), tiny["query"].paths[0], tiny["meta"], str(tmp_path / "a.png"), img_size=S)
 
 # -----------------------------------------------------------------------------
 # retrieval and predict
@@ -113,10 +115,10 @@ def query_embedding(model, path, attr):
 
 
 @pytest.fixture(scope="module")
-def planted(synth):
+def planted(tiny):
     """Random candidate features with the query's own embedding planted at one candidate of its attribute
     and at one candidate of another attribute (which must never be returned)."""
-    model, q, c = synth["model"], synth["query"], synth["cands"]
+    model, q, c = tiny["model"], tiny["query"], tiny["cands"]
     attr = int(q.attrs[0])
     mine = (c.attrs == attr).nonzero().squeeze(1)
     other = (c.attrs != attr).nonzero().squeeze(1)
@@ -128,12 +130,12 @@ def planted(synth):
     return dict(attr=attr, mine=mine, target=target, feats=feats)
 
 
-def test_retrieval_finds_the_planted_item_within_the_attribute(synth, planted, tmp_path):
-    q, c, meta = synth["query"], synth["cands"], synth["meta"]
+def test_retrieval_finds_the_planted_item_within_the_attribute(tiny, planted, tmp_path):
+    q, c, meta = tiny["query"], tiny["cands"], tiny["meta"]
     attr, mine, target = planted["attr"], planted["mine"], planted["target"]
     value = int(c.values[target])
     out = tmp_path / "r.png"
-    results = V.retrieval_figure(synth["model"], q.paths[0], attr, meta, c, planted["feats"], str(out),
+    results = V.retrieval_figure(tiny["model"], q.paths[0], attr, meta, c, planted["feats"], str(out),
                                  topk=len(mine) + 10, query_value=value)
     assert results[0]["path"] == c.paths[target] and results[0]["rank"] == 1
     assert results[0]["score"] == pytest.approx(1.0, abs=1e-6)
@@ -150,23 +152,23 @@ def test_retrieval_finds_the_planted_item_within_the_attribute(synth, planted, t
     assert meta["attributes"][attr] in text and results[0]["value_name"] in text and len(text.splitlines()) == k + 2
 
 
-def test_retrieval_topk_and_unknown_query_value(synth, planted, tmp_path):
-    results = V.retrieval_figure(synth["model"], synth["query"].paths[0], planted["attr"], synth["meta"], synth["cands"],
+def test_retrieval_topk_and_unknown_query_value(tiny, planted, tmp_path):
+    results = V.retrieval_figure(tiny["model"], tiny["query"].paths[0], planted["attr"], tiny["meta"], tiny["cands"],
                                  planted["feats"], str(tmp_path / "r.png"), topk=2)
     assert len(results) == 2 and all(r["correct"] is None for r in results)
     side = V.panel_side(S)
     assert png_size(tmp_path / "r.png")[0] == V.PAD + side + V.SEP + 2 * (side + V.PAD)
     with pytest.raises(ValueError, match="candidate features"):
-        V.retrieve(synth["model"], synth["query"].paths[0], planted["attr"], synth["meta"], synth["cands"], planted["feats"][:3])
+        V.retrieve(tiny["model"], tiny["query"].paths[0], planted["attr"], tiny["meta"], tiny["cands"], planted["feats"][:3])
 
 
-def test_predict_by_attribute_name(synth, planted, tmp_path):
-    meta = synth["meta"]
+def test_predict_by_attribute_name(tiny, planted, tmp_path):
+    meta = tiny["meta"]
     name = meta["attributes"][planted["attr"]]
-    results = V.predict(synth["model"], synth["query"].paths[0], name, meta, synth["cands"], planted["feats"], topk=3)
-    assert len(results) == 3 and results[0]["path"] == synth["cands"].paths[planted["target"]]
+    results = V.predict(tiny["model"], tiny["query"].paths[0], name, meta, tiny["cands"], planted["feats"], topk=3)
+    assert len(results) == 3 and results[0]["path"] == tiny["cands"].paths[planted["target"]]
     with pytest.raises(ValueError) as e:
-        V.predict(synth["model"], synth["query"].paths[0], "hat_size", meta, synth["cands"], planted["feats"])
+        V.predict(tiny["model"], tiny["query"].paths[0], "hat_size", meta, tiny["cands"], planted["feats"])
     assert "hat_size" in str(e.value) and all(a in str(e.value) for a in meta["attributes"])
 
 # -----------------------------------------------------------------------------
@@ -185,8 +187,8 @@ def test_centroid_accuracy_by_hand():
     assert math.isnan(V.centroid_accuracy(x, torch.zeros(4, dtype=torch.long)))
 
 
-def test_embedding_figure_scores_and_size(synth, tmp_path):
-    meta = synth["meta"]
+def test_embedding_figure_scores_and_size(tiny, tmp_path):
+    meta = tiny["meta"]
     K, n = len(meta["attributes"]), 400
     g = torch.Generator().manual_seed(0)
     attrs = torch.arange(n) % K
@@ -203,9 +205,28 @@ def test_embedding_figure_scores_and_size(synth, tmp_path):
         assert scores["Triplet"][name] < chance + 0.2, name
     rows, V_max = 2, max(len(v) for v in meta["values"])
     assert png_size(out) == (V.LABEL_W + V.PAD + K * (V.PLOT + V.PAD),
-                             2 * V.PAD + V.LINE + rows * (V.PLOT + V.LINE + V.PAD) + (V_max + 1) * V.LINE)
+                             2 * V.PAD + V.LINE + rows * (V.PLOT + V.LINE + V.PAD) + (V_max + 2) * V.LINE)
     pixels = set(map(tuple, np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).tolist()))
-    assert all(V.PALETTE[j] in pixels for j in range(V_max))  # every value's colour is drawn
+    assert all(V.PALETTE[j] in pixels for j in range(max(len(v) for n, v in zip(meta["attributes"], meta["values"]) if n != "colour")))
+    colour = meta["attributes"].index("colour")
+    assert all(V.COLOURS[name.lower()] in pixels for name in meta["values"][colour])  # every value's colour is drawn
+
+
+def test_colour_values_are_drawn_in_their_colours_and_other_palettes_called_arbitrary(tiny):
+    meta = tiny["meta"]
+    colour, sleeve = meta["attributes"].index("colour"), meta["attributes"].index("sleeve_length")
+    colours, named = V.value_colours(meta, colour, len(meta["values"][colour]))
+    assert named and meta["values"][colour][0] == "Red" and colours[0] == V.COLOURS["red"] == (214, 39, 40)
+    assert colours == [V.COLOURS[v.lower()] for v in meta["values"][colour]]  # Red red, Blue blue, ...
+    assert V.value_colours(meta, sleeve, 4) == (V.PALETTE[:4], False)
+    darn = {"attributes": ["clothes color", "clothes pattern"], "values": [["BLACK", " White", "Gray"], ["Plain", "Dots"]]}
+    assert V.value_colours(darn, 0, 3) == ([(0, 0, 0), (255, 255, 255), (127, 127, 127)], True)  # any case, spaces
+    assert V.value_colours(darn, 0, 4)[1] is False  # a value without a name ("value 3"): no named colours
+    assert V.value_colours({"values": [["Red", "red"]]}, 0, 2)[1] is False  # two values, one colour: told apart instead
+    assert V.outline(V.COLOURS["white"]) == V.GREY and V.outline(V.COLOURS["red"]) is None
+    note = V.colour_note(meta["attributes"], [a == colour for a in range(len(meta["attributes"]))])
+    assert note.startswith("dot colours: 'colour' in the colours its values name") and "arbitrary" in note
+    assert "arbitrary" in V.colour_note(["a", "b"], [False, False]) and "arbitrary" not in V.colour_note(["c"], [True])
 
 
 def test_pca2_finds_the_principal_axes():
