@@ -5,11 +5,12 @@ One backbone, one embedding space per attribute ("condition"): blocks 1..L-1 of 
 transformer are a shared trunk; the last block L is a cross-attention block whose query is a
 learned condition token (paper eq. 2-6); the [CLS] output goes through FC and L2 norm (eq. 7).
 
-    from cca import CCA, CCAConfig, load_pretrained
+    from cca import CCA, CCAConfig, load_checkpoint, load_pretrained
     model = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=2))
     load_pretrained(model, "R50+ViT-B_16.npz")    # or timm's .safetensors / .bin / .pth
     emb = model(images, conditions)                # (B, out_dim), unit norm
     all_emb = model.embed_all(images)              # (B, K, out_dim): trunk once, every condition
+    model, ckpt = load_checkpoint("runs/synthetic/best.pt")   # a train.py checkpoint (layout: "checkpoints" below)
 
 Convert pretrained weights once into a checkpoint that training starts from:
 
@@ -645,21 +646,6 @@ def google_to_timm(npz, cfg, path):
     return sd, ignored
 
 
-def torch_load(path):
-    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
-    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
-    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
-            text = text.split("WeightsUnpickler error:", 1)[1]
-        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
-        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
-                         f"or not a checkpoint") from None
-
-
 def read_weights(path, cfg):
     """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped) and the list of the
     file's keys that hold no weights (an npz's optimizer state)."""
@@ -737,15 +723,107 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
     save_backbone(model, dst, os.path.basename(src))
 
 
+# -----------------------------------------------------------------------------
+# checkpoints: the two files this project writes, and reading them back
+
+
+"""
+A training checkpoint (train.py writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best) is one dict
+of tensors and plain Python types, so that torch.load(weights_only=True) reads it without running any code:
+
+    model        the model's state dict: the plain model, not torch.compile'd, not wrapped in DDP
+    config       asdict(CCAConfig): rebuilds the model (build_model(CCAConfig(**ckpt["config"])))
+    meta         the dataset's meta (data.load_meta): name, format ("asen" or "zappos"), attributes (their names)
+                 and values (each attribute's value names; empty lists for zappos)
+    args         vars() of train.py's flags (data_root: where evaluate.py finds the data by default)
+    epoch        the last finished epoch, counted from 0
+    optimizer    the optimizer's state dict (two param groups: trunk, rest)
+    scheduler    the learning-rate scheduler's state dict
+    best_metric  the best validation total so far (-1.0 before the first validation)
+    history      one dict per finished epoch: epoch, lr and, after a validation, the scores under "valid"
+
+Evaluating needs CHECKPOINT_KEYS (model, config, meta, args, epoch); resuming needs RESUME_KEYS as well.
+A backbone file ('cca.py convert', 'compare.py pretrain'; what --pretrained reads) is {"format": "cca-backbone",
+"arch", "img_size", "source", "state_dict"}, state_dict holding the model's backbone_keys() only (read_weights
+reads it, and the "model" of a training checkpoint too).
+Both are written to PATH.tmp and then renamed to PATH (save_atomic), so that a run stopped while writing
+leaves the previous file whole.
+"""
+
+CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs
+RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resuming needs as well
+
+
+def save_atomic(obj, path):
+    """torch.save to path + ".tmp", then rename: the file at `path` is always a whole one."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
+    """One dict that suffices to resume and to evaluate (the layout above); `model` the plain, unwrapped model."""
+    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                     best_metric=best, config=asdict(model.cfg), args=vars(args), meta=meta, history=history), path)
+
+
 def save_backbone(model, dst, source):
-    """Write the model's backbone (backbone_keys) as the .pt that --pretrained reads: {"format": "cca-backbone",
-    "arch", "img_size", "source", "state_dict"}; written to a temporary file, then renamed."""
+    """Write the model's backbone (backbone_keys) as the backbone file above, the .pt that --pretrained reads."""
     state = model.state_dict()
     sd = {k: state[k] for k in model.backbone_keys()}
-    tmp = dst + ".tmp"
-    torch.save({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, tmp)
-    os.replace(tmp, dst)
+    save_atomic({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, dst)
     print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {model.cfg.img_size}")
+
+
+def torch_load(path):
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
+    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
+    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
+                         f"or not a checkpoint") from None
+
+
+def read_checkpoint(path, keys=CHECKPOINT_KEYS):
+    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
+    or lacks `keys`."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch_load(path)
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
+    if missing:
+        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """model.load_state_dict(state), strict; raises ValueError with one line naming what does not fit, not torch's list."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
+                         (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
+        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
+        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
+                         f"(written by an older cca.py?): {what}{hint}")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
+    ckpt = read_checkpoint(path)
+    model = build_model(CCAConfig(**ckpt["config"]))
+    load_model_state(model, ckpt["model"], path)
+    return model.to(device).eval(), ckpt
 
 
 def count_parameters(module):

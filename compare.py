@@ -43,9 +43,9 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, save_backbone
+from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
-from evaluate import evaluate_split, load_checkpoint, mean_average_precision
+from evaluate import evaluate_split, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {

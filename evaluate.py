@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import CCAConfig, build_model, torch_load
+from cca import load_checkpoint
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
                   looks_like, prepare_dataset)
 
@@ -306,24 +306,6 @@ def format_results(result, meta, chance=None):
 # command line
 
 
-CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs; resuming needs RESUME_KEYS too
-RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")
-
-
-def read_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
-    or lacks `keys`."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch_load(path)
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
-    if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
 def device_arg(text):
     """argparse type of --device: a device this machine has, or a flag error now rather than a traceback later."""
     try:
@@ -336,28 +318,6 @@ def device_arg(text):
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return text
-
-
-def load_model_state(model, state, path):
-    """model.load_state_dict(state), strict; raises ValueError with one line naming what does not fit, not torch's list."""
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
-                         (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
-        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
-        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
-                         f"(written by an older cca.py?): {what}{hint}")
-    model.load_state_dict(state)
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
-    ckpt = read_checkpoint(path)
-    model = build_model(CCAConfig(**ckpt["config"]))
-    load_model_state(model, ckpt["model"], path)
-    return model.to(device).eval(), ckpt
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ left out of its results when it is in the gallery.
 From Python, the same two steps:
 
     import search
-    from evaluate import load_checkpoint
+    from cca import load_checkpoint
     model, ckpt = load_checkpoint("runs/synthetic/best.pt")
     index = search.build_index(model, ["a.jpg", "b.jpg", ...], "gallery.idx", ckpt["meta"])
     hits = search.query(index, search.embed_image(model, "shirt.jpg"), ["sleeve_length", "colour"], [1.0, 0.5], topk=5)
@@ -50,7 +50,8 @@ import torch
 import torch.distributed as dist
 
 from data import IMAGE_EXTENSIONS, load_image, load_meta, read_filenames, read_labels
-from evaluate import device_arg, gather_by_index, load_checkpoint, shard
+from cca import load_checkpoint
+from evaluate import device_arg, gather_by_index, shard
 from train import cleanup, exit_rank, setup
 
 MAGIC = b"CCAINDEX"

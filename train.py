@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,11 +33,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
+from cca import (ARCH_SIZES, CHECKPOINT_KEYS, METHODS, RESUME_KEYS, CCAConfig, build_model, count_parameters, load_model_state,
+                 load_pretrained, read_checkpoint, save_checkpoint)
 from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
                   normalise, prepare_dataset)
-from evaluate import (CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, load_model_state,
-                      read_checkpoint)
+from evaluate import NOT_COMPARABLE, device_arg, evaluate_split, format_results
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
@@ -318,15 +317,6 @@ def training_flops(cfg):
         f = model(x, c.repeat(3)).view(3, 1, -1)
         triplet_loss(f[0], f[1], f[2], 0.2)[0].backward()
     return counter.get_total_flops() / 3
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
-    """One dict that suffices to resume and to evaluate; written to a temporary file, then renamed."""
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                best_metric=best, config=asdict(model.cfg), args=vars(args), meta=meta, history=history)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 def nonfinite_error(first_bad, steps):

@@ -4,7 +4,8 @@ image (the paper's Figure 4), attribute-specific retrieval (Figure A2), 2-D proj
 attribute's embedding space coloured by value (Figures 5 and 6), retrieval for a user's own image, and
 search.py's results under one or several attributes (search_figure).
 
-    from evaluate import load_checkpoint, embed_items
+    from cca import load_checkpoint
+    from evaluate import embed_items
     from data import EvalItems
     import visualize
     model, ckpt = load_checkpoint("runs/synthetic/best.pt"); meta = ckpt["meta"]
