@@ -212,7 +212,9 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with one qkv projection ordered [q | k | v] (eq. 5)."""
+    """Multi-head attention with one qkv projection ordered [q | k | v] (eq. 5): the queries come from the tokens x,
+    the keys and values from `context`, which is x itself in self-attention (blocks 1..L-1) and the image tokens
+    in block L's cross-attention (eq. 6), whose queries are the condition tokens."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -224,23 +226,24 @@ class Attention(nn.Module):
         B, N, D = x.shape
         return x.view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, heads, N, head_dim)
 
-    def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+    def project(self, x, context=None):
+        """q of x (B, M, D), k and v of context (B, N, D; default x): each (B, heads, M or N, head_dim)."""
+        B, M, D = x.shape
+        if context is None:  # self-attention: one fused matmul for q, k and v
+            return self.qkv(x).view(B, M, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = F.linear(x, self.qkv.weight[:D], self.qkv.bias[:D])  # (B, M, D): the query rows of qkv
+        k, v = F.linear(context, self.qkv.weight[D:], self.qkv.bias[D:]).split(D, dim=-1)  # each (B, N, D), once for all M queries
+        return self.heads(q), self.heads(k), self.heads(v)
 
-    def key_value(self, x):
-        """Keys and values of the tokens x (B, N, D), each (B, heads, N, head_dim)."""
-        D = x.shape[-1]
-        kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
-        k, v = kv.split(D, dim=-1)
-        return self.heads(k), self.heads(v)
+    def forward(self, x, context=None):
+        B, M, D = x.shape
+        x = F.scaled_dot_product_attention(*self.project(x, context))  # softmax(QK^T / sqrt(d)) V: (B, heads, M, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, M, D))
 
-    def query(self, x):
-        """Queries of x (B, M, D) through the query rows of qkv: (B, heads, M, head_dim)."""
-        D = x.shape[-1]
-        return self.heads(F.linear(x, self.qkv.weight[:D], self.qkv.bias[:D]))
+    def weights(self, x, context=None):
+        """softmax(QK^T / sqrt(d)), the weights forward() averages the values with: (B, heads, M, N)."""
+        q, k, _ = self.project(x, context)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -308,19 +311,12 @@ class ConditionalCrossAttentionBlock(Block):
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
-        k, v = self.attn.key_value(self.norm1(x))  # (B, heads, 1+N, head_dim), computed once for all M conditions
-        q = self.attn.query(self.norm1(q_c))  # (B, heads, M, head_dim)
-        B, M, D = q_c.shape
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, head_dim), eq. 6
-        a = self.attn.proj(a.transpose(1, 2).reshape(B, M, D))
-        cls = x[:, :1] + a  # residual onto [CLS], one row per condition
+        cls = x[:, :1] + self.attn(self.norm1(q_c), context=self.norm1(x))  # (B, M, D): eq. 6, residual onto [CLS]
         return cls + self.mlp(self.norm2(cls))
 
     def attention_weights(self, x, q_c):
         """softmax(Q_c K^T / sqrt(d)) over all 1+N tokens: (B, heads, M, 1+N)."""
-        k, _ = self.attn.key_value(self.norm1(x))
-        q = self.attn.query(self.norm1(q_c))
-        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.attn.weights(self.norm1(q_c), context=self.norm1(x))
 
 
 class HybridViT(nn.Module):
