@@ -27,6 +27,7 @@ import math
 import os
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -820,6 +821,32 @@ def load_checkpoint(path, device="cpu"):
     model = build_model(CCAConfig(**ckpt["config"]))
     load_model_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------
+# device, precision and mode: one definition each for every command
+
+
+def default_device(name=None):
+    """torch.device(name), or by default the GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device, enabled=None):
+    """bf16 autocast on `device`: on for CUDA and off elsewhere (the CPU runs fp32), unless `enabled` says otherwise."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
+
+
+@contextmanager
+def evaluating(model):
+    """model in eval mode inside the block; its own mode (train or eval) restored after, on an error too."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(module):

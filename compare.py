@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
+from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
 from evaluate import evaluate_split, mean_average_precision
 
@@ -140,7 +140,7 @@ def main(argv=None):
         p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
     out_dir = args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare")
     root, meta = prepare_dataset(args.data, args.data_root)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     common = ["--data", args.data, "--data-root", root, "--eval-missing", args.eval_missing] + (
         ["--epochs", str(args.epochs)] if args.epochs else [])
     if args.pretrained:
@@ -270,7 +270,7 @@ def pretrain(argv=None):
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.num_train < args.batch_size:
         p.error(f"--num-train {args.num_train} is less than one batch of {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     t0 = time.time()
     x_train, y_train = make_shapes(args.num_train, args.img_size, seed=2 * args.seed, workers=args.workers)
     x_test, y_test = make_shapes(args.num_test, args.img_size, seed=2 * args.seed + 1, workers=args.workers)

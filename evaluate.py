@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import load_checkpoint
+from cca import autocast, default_device, evaluating, load_checkpoint
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
                   looks_like, prepare_dataset)
 
@@ -214,16 +214,13 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
     idx = shard(len(dataset), rank, world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
     feats, index = [], []
     for batch in loader:
         images, conditions, i = batch[0], batch[1], batch[-1]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with evaluating(model), autocast(device):
             f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
         feats.append(f.float())
         index.append(i.to(device))
-    model.train(was_training)
     out_dim = model.cfg.out_dim
     feats = torch.cat(feats) if feats else torch.empty(0, out_dim, device=device)
     index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device)
@@ -348,7 +345,7 @@ def main(argv=None):
         p.error("--attr names the attribute for --retrieve: add --retrieve IMG")
     if args.topk < 1:
         p.error(f"--topk must be at least 1, got {args.topk}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         model, ckpt = load_checkpoint(args.ckpt, device)
     except (OSError, ValueError) as e:  # missing, a folder, not a checkpoint

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import (ARCH_SIZES, CHECKPOINT_KEYS, METHODS, RESUME_KEYS, CCAConfig, build_model, count_parameters, load_model_state,
-                 load_pretrained, read_checkpoint, save_checkpoint)
+from cca import (ARCH_SIZES, CHECKPOINT_KEYS, METHODS, RESUME_KEYS, CCAConfig, autocast, build_model, count_parameters, default_device,
+                 load_model_state, load_pretrained, read_checkpoint, save_checkpoint)
 from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
                   normalise, prepare_dataset)
 from evaluate import NOT_COMPARABLE, device_arg, evaluate_split, format_results
@@ -166,7 +166,7 @@ def setup(device_arg):
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
     else:
         rank, world = 0, 1
-        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device_arg)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # DDP and set_device want an index
     if device.type == "cuda":
@@ -275,7 +275,7 @@ def train_step(model, optimizer, a, p, n, c, margin, use_amp, csn_reg=None):
     """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors.
     csn_reg: (embed weight, mask weight) of csn_regularisers for TF-CSN, or None."""
     B, x = a.shape[0], torch.cat([a, p, n])  # (3B, 3, S, S): one forward for all three
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with autocast(x.device, enabled=use_amp):
         if csn_reg:  # TF-CSN's penalties need the unmasked embeddings and the masks too
             f, emb, mask = model(x, c.repeat(3), csn_parts=True)
         else:

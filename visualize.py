@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from cca import autocast, evaluating
 from data import MEAN, STD, load_image
 
 # -----------------------------------------------------------------------------
@@ -163,11 +164,9 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     if hasattr(model, "cfg") and model.cfg.num_conditions != K:
         raise ValueError(f"the model has {model.cfg.num_conditions} conditions, meta lists {K} attributes {meta['attributes']}")
     image = load_image(image_path, img_size)  # (3, S, S)
-    was_training = model.training
-    model.eval()
     device = model_device(model)
-    att = model.attention_maps(image[None].expand(K, -1, -1, -1).to(device), torch.arange(K, device=device))  # (K, heads, N)
-    model.train(was_training)
+    with evaluating(model):
+        att = model.attention_maps(image[None].expand(K, -1, -1, -1).to(device), torch.arange(K, device=device))  # (K, heads, N)
     side = panel_side(img_size)
     picture = to_picture(image, side)
     panels = [("input", picture)] + [(meta["attributes"][k], overlay(picture, heat_map(att[k], side))) for k in range(K)]
@@ -200,14 +199,11 @@ def retrieve(model, query_path, attr, meta, candidates, cand_feats, topk=5, quer
     idx = (candidates.attrs == attr).nonzero().squeeze(1)  # this attribute's candidates, in list order
     if len(idx) == 0:
         raise ValueError(f"no candidate of attribute {attr} ({meta['attributes'][attr]})")
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     image = load_image(query_path, model.cfg.img_size)
     # under the same autocast as evaluate.embed_items, so that the query and the candidates are embedded alike
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with evaluating(model), autocast(device):
         q = model(image[None].to(device), torch.tensor([attr], device=device))[0].float()  # (d,)
-    model.train(was_training)
     q = F.normalize(q.double().cpu(), dim=0)
     c = F.normalize(cand_feats[idx].double().cpu(), dim=1)  # (n_attr, d)
     scores = c @ q  # (n_attr,) cosine similarities, in float64 as evaluate.py
