@@ -73,7 +73,6 @@ class CCAConfig:
     @property
     def sizes(self):
         return ARCH_SIZES[self.arch]
-
     @property
     def stride(self):
         # root conv /2, max-pool /2, then every stage after the first halves the grid
@@ -321,21 +320,34 @@ class ConditionalCrossAttentionBlock(Block):
 
 
 class HybridViT(nn.Module):
-    """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm.
-    Blocks 1..L-1 are the shared trunk; `last_block` is block L. One list keeps timm's names, so
-    blocks.{L-1} loads the last pretrained block whatever its kind."""
+    """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm, then the
+    method's conditional part and the head. Blocks 1..L-1 are the shared trunk; block L is of the class
+    `last_block`. One list keeps timm's names, so blocks.{L-1} loads the last pretrained block whatever its kind.
+    A subclass is one method: it names block L's class and builds its conditional part (conditional_part)."""
 
     def __init__(self, cfg, last_block):
         super().__init__()
         self.cfg = cfg
         s = cfg.sizes
         D = s["embed_dim"]
+        # block L is built before the trunk, as when each method built it itself: the random draws keep their
+        # order, so a seed still gives the same initial weights
+        last = last_block(D, s["num_heads"], s["mlp_ratio"])
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
         self.blocks = nn.ModuleList([Block(D, s["num_heads"], s["mlp_ratio"]) for _ in range(s["depth"] - 1)])
-        self.blocks.append(last_block)
+        self.blocks.append(last)
         self.norm = nn.LayerNorm(D, eps=1e-6)
+        condition = self.conditional_part()
+        if condition is not None:  # the Triplet network has none
+            self.condition = condition
+        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls)); TF-ASEN's feature_fc
+        self.init_weights()
+
+    def conditional_part(self):
+        """The module that brings the condition in (self.condition), or None."""
+        raise NotImplementedError
 
     def init_weights(self):
         # ViT-style initialisation for training from scratch; pretrained weights overwrite all but
@@ -370,12 +382,10 @@ class CCA(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
-        s = cfg.sizes
-        D = s["embed_dim"]
-        super().__init__(cfg, ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
-        self.condition = ConditionToken(cfg.condition_type, cfg.num_conditions, D)
-        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls))
-        self.init_weights()
+        super().__init__(cfg, ConditionalCrossAttentionBlock)
+
+    def conditional_part(self):
+        return ConditionToken(self.cfg.condition_type, self.cfg.num_conditions, self.cfg.sizes["embed_dim"])  # q_c, eq. 2/3
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -486,15 +496,15 @@ class Baseline(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method == "cca":
             raise ValueError("method 'cca' is the CCA class: use build_model(cfg)")
-        s = cfg.sizes
-        D = s["embed_dim"]
-        super().__init__(cfg, Block(D, s["num_heads"], s["mlp_ratio"]))
+        super().__init__(cfg, Block)
+
+    def conditional_part(self):
+        cfg = self.cfg
         if cfg.method == "csn":
-            self.condition = CSNMask(cfg.num_conditions, cfg.out_dim)
-        elif cfg.method == "asen":
-            self.condition = ASENAttention(cfg.num_conditions, D)
-        self.head = nn.Linear(D, cfg.out_dim)
-        self.init_weights()
+            return CSNMask(cfg.num_conditions, cfg.out_dim)
+        if cfg.method == "asen":
+            return ASENAttention(cfg.num_conditions, cfg.sizes["embed_dim"])
+        return None  # "triplet": one embedding for every condition
 
     def features(self, images):
         x = self.trunk(images)
