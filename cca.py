@@ -46,6 +46,9 @@ ARCH_SIZES = {
 }
 
 METHODS = ("cca", "triplet", "csn", "asen")
+# The names the paper's tables give the methods, by (method, condition_type); condition_type is CCA's alone
+METHOD_TITLES = {("cca", 1): "CCA (Type-1)", ("cca", 2): "CCA (Type-2)", ("triplet", None): "Triplet network",
+                 ("csn", None): "TF-CSN", ("asen", None): "TF-ASEN"}
 
 
 @dataclass
@@ -81,6 +84,11 @@ class CCAConfig:
     @property
     def grid(self):
         return self.img_size // self.stride
+
+
+def method_title(cfg):
+    """A model's method as the paper's tables name it (METHOD_TITLES)."""
+    return METHOD_TITLES[cfg.method, cfg.condition_type if cfg.method == "cca" else None]
 
 
 # -----------------------------------------------------------------------------

@@ -43,17 +43,17 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
+from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
 from evaluate import evaluate_split, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {
-    "triplet": ("Triplet network", ["--method", "triplet"], 38.52),
-    "csn": ("TF-CSN", ["--method", "csn"], 64.86),
-    "asen": ("TF-ASEN", ["--method", "asen"], 64.21),
-    "cca1": ("CCA (Type-1)", ["--method", "cca", "--condition-type", "1"], 66.06),
-    "cca2": ("CCA (Type-2)", ["--method", "cca", "--condition-type", "2"], 69.03),
+    "triplet": (METHOD_TITLES["triplet", None], ["--method", "triplet"], 38.52),
+    "csn": (METHOD_TITLES["csn", None], ["--method", "csn"], 64.86),
+    "asen": (METHOD_TITLES["asen", None], ["--method", "asen"], 64.21),
+    "cca1": (METHOD_TITLES["cca", 1], ["--method", "cca", "--condition-type", "1"], 66.06),
+    "cca2": (METHOD_TITLES["cca", 2], ["--method", "cca", "--condition-type", "2"], 69.03),
 }
 PAPER_RANDOM = 15.79
 

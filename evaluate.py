@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import autocast, default_device, evaluating, load_checkpoint
+from cca import autocast, default_device, evaluating, load_checkpoint, method_title
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
                   looks_like, prepare_dataset)
 
@@ -410,11 +410,6 @@ def score_and_draw(args, model, ckpt, root, device):
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
     return result
-
-
-def method_title(cfg):
-    """A method's name as the paper's tables write it."""
-    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
 
 
 def draw_pictures(args, model, ckpt, root, device, embedded=None):
