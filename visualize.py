@@ -156,12 +156,12 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     title above it. Size: width cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD.
     Returns out_path.
     """
-    if not hasattr(model, "attention_maps"):
-        raise ValueError(f"{type(model).__name__} has no attention_maps(images, conditions): only a model with a "
-                         "conditional attention block (CCA) has per-attribute attention to draw")
+    if model.cfg.method not in ("cca", "asen"):
+        raise ValueError(f"method {model.cfg.method!r} has no attention_maps to draw: only CCA's block L and TF-ASEN's "
+                         "spatial attention depend on the attribute")
     img_size = img_size or model.cfg.img_size
     K = len(meta["attributes"])
-    if hasattr(model, "cfg") and model.cfg.num_conditions != K:
+    if model.cfg.num_conditions != K:
         raise ValueError(f"the model has {model.cfg.num_conditions} conditions, meta lists {K} attributes {meta['attributes']}")
     image = load_image(image_path, img_size)  # (3, S, S)
     device = model_device(model)

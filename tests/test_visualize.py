@@ -17,7 +17,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import visualize as V  # noqa: E402
-from cca import CCA, CCAConfig  # noqa: E402
+from cca import CCA, CCAConfig, build_model  # noqa: E402
 from data import EvalItems, load_image, load_meta, make_synthetic  # noqa: E402
 
 S = 32  # image side; the tiny arch has output stride 8, so a 4 x 4 patch grid
@@ -96,12 +96,10 @@ def test_heat_map_is_normalised_and_upsampled():
 
 
 def test_attention_figure_refuses_a_model_without_attention(synth, tmp_path):
-    class Baseline(torch.nn.Module):  # one embedding space, no conditional attention
-        def forward(self, images, conditions):
-            return images.flatten(1)
-
-    with pytest.raises(ValueError, match="attention_maps"):
-        V.attention_figure(Baseline(), synth["query"].paths[0], synth["meta"], str(tmp_path / "a.png"), img_size=S)
+    for method in ("triplet", "csn"):  # one embedding space, or a mask on it: no conditional attention
+        baseline = build_model(CCAConfig(arch="tiny", method=method, num_conditions=len(synth["meta"]["attributes"]), img_size=S, out_dim=16))
+        with pytest.raises(ValueError, match="attention_maps"):
+            V.attention_figure(baseline, synth["query"].paths[0], synth["meta"], str(tmp_path / "a.png"), img_size=S)
 
 # -----------------------------------------------------------------------------
 # retrieval and predict
