@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import CCA, CCAConfig, build_model
+from cca import CCA, CCAConfig, autocast, build_model, default_device
 from data import (SYNTH_ATTRIBUTES, TripletBatches, TripletDataset, draw_garment, make_synthetic, prepare_images,
                   read_filenames)
 from train import gpu_peak, train_step, training_flops
@@ -88,7 +88,7 @@ def bench_model(args, device):
           if gpu else "   no MFU on the CPU (no peak to compare with)")
 
     x = torch.randn(B, 3, img, img, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
+    amp = autocast(device)  # bf16 on the GPU, fp32 on the CPU
 
     # 1. all conditions: embed_all vs K full forwards
     model.eval()
@@ -236,7 +236,7 @@ def main():
     parser.add_argument("--loader-seconds", type=float, default=3.0, help="seconds per loader measurement")
     parser.add_argument("--prepare-workers", type=int, default=2, help="processes of data.py prepare in section 4")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     if not args.skip_model:

@@ -5,11 +5,12 @@ One backbone, one embedding space per attribute ("condition"): blocks 1..L-1 of 
 transformer are a shared trunk; the last block L is a cross-attention block whose query is a
 learned condition token (paper eq. 2-6); the [CLS] output goes through FC and L2 norm (eq. 7).
 
-    from cca import CCA, CCAConfig, load_pretrained
+    from cca import CCA, CCAConfig, load_checkpoint, load_pretrained
     model = CCA(CCAConfig(arch="vit_r50_b16", num_conditions=8, condition_type=2))
     load_pretrained(model, "R50+ViT-B_16.npz")    # or timm's .safetensors / .bin / .pth
     emb = model(images, conditions)                # (B, out_dim), unit norm
     all_emb = model.embed_all(images)              # (B, K, out_dim): trunk once, every condition
+    model, ckpt = load_checkpoint("runs/synthetic/best.pt")   # a train.py checkpoint (layout: "checkpoints" below)
 
 Convert pretrained weights once into a checkpoint that training starts from:
 
@@ -26,6 +27,7 @@ import math
 import os
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,6 +46,9 @@ ARCH_SIZES = {
 }
 
 METHODS = ("cca", "triplet", "csn", "asen")
+# The names the paper's tables give the methods, by (method, condition_type); condition_type is CCA's alone
+METHOD_TITLES = {("cca", 1): "CCA (Type-1)", ("cca", 2): "CCA (Type-2)", ("triplet", None): "Triplet network",
+                 ("csn", None): "TF-CSN", ("asen", None): "TF-ASEN"}
 
 
 @dataclass
@@ -71,7 +76,6 @@ class CCAConfig:
     @property
     def sizes(self):
         return ARCH_SIZES[self.arch]
-
     @property
     def stride(self):
         # root conv /2, max-pool /2, then every stage after the first halves the grid
@@ -80,6 +84,11 @@ class CCAConfig:
     @property
     def grid(self):
         return self.img_size // self.stride
+
+
+def method_title(cfg):
+    """A model's method as the paper's tables name it (METHOD_TITLES)."""
+    return METHOD_TITLES[cfg.method, cfg.condition_type if cfg.method == "cca" else None]
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +220,9 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with one qkv projection ordered [q | k | v] (eq. 5)."""
+    """Multi-head attention with one qkv projection ordered [q | k | v] (eq. 5): the queries come from the tokens x,
+    the keys and values from `context`, which is x itself in self-attention (blocks 1..L-1) and the image tokens
+    in block L's cross-attention (eq. 6), whose queries are the condition tokens."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -223,23 +234,24 @@ class Attention(nn.Module):
         B, N, D = x.shape
         return x.view(B, N, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, heads, N, head_dim)
 
-    def forward(self, x):
-        B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+    def project(self, x, context=None):
+        """q of x (B, M, D), k and v of context (B, N, D; default x): each (B, heads, M or N, head_dim)."""
+        B, M, D = x.shape
+        if context is None:  # self-attention: one fused matmul for q, k and v
+            return self.qkv(x).view(B, M, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q = F.linear(x, self.qkv.weight[:D], self.qkv.bias[:D])  # (B, M, D): the query rows of qkv
+        k, v = F.linear(context, self.qkv.weight[D:], self.qkv.bias[D:]).split(D, dim=-1)  # each (B, N, D), once for all M queries
+        return self.heads(q), self.heads(k), self.heads(v)
 
-    def key_value(self, x):
-        """Keys and values of the tokens x (B, N, D), each (B, heads, N, head_dim)."""
-        D = x.shape[-1]
-        kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
-        k, v = kv.split(D, dim=-1)
-        return self.heads(k), self.heads(v)
+    def forward(self, x, context=None):
+        B, M, D = x.shape
+        x = F.scaled_dot_product_attention(*self.project(x, context))  # softmax(QK^T / sqrt(d)) V: (B, heads, M, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, M, D))
 
-    def query(self, x):
-        """Queries of x (B, M, D) through the query rows of qkv: (B, heads, M, head_dim)."""
-        D = x.shape[-1]
-        return self.heads(F.linear(x, self.qkv.weight[:D], self.qkv.bias[:D]))
+    def weights(self, x, context=None):
+        """softmax(QK^T / sqrt(d)), the weights forward() averages the values with: (B, heads, M, N)."""
+        q, k, _ = self.project(x, context)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -307,37 +319,43 @@ class ConditionalCrossAttentionBlock(Block):
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
-        k, v = self.attn.key_value(self.norm1(x))  # (B, heads, 1+N, head_dim), computed once for all M conditions
-        q = self.attn.query(self.norm1(q_c))  # (B, heads, M, head_dim)
-        B, M, D = q_c.shape
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, M, head_dim), eq. 6
-        a = self.attn.proj(a.transpose(1, 2).reshape(B, M, D))
-        cls = x[:, :1] + a  # residual onto [CLS], one row per condition
+        cls = x[:, :1] + self.attn(self.norm1(q_c), context=self.norm1(x))  # (B, M, D): eq. 6, residual onto [CLS]
         return cls + self.mlp(self.norm2(cls))
 
     def attention_weights(self, x, q_c):
         """softmax(Q_c K^T / sqrt(d)) over all 1+N tokens: (B, heads, M, 1+N)."""
-        k, _ = self.attn.key_value(self.norm1(x))
-        q = self.attn.query(self.norm1(q_c))
-        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return self.attn.weights(self.norm1(q_c), context=self.norm1(x))
 
 
 class HybridViT(nn.Module):
-    """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm.
-    Blocks 1..L-1 are the shared trunk; `last_block` is block L. One list keeps timm's names, so
-    blocks.{L-1} loads the last pretrained block whatever its kind."""
+    """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm, then the
+    method's conditional part and the head. Blocks 1..L-1 are the shared trunk; block L is of the class
+    `last_block`. One list keeps timm's names, so blocks.{L-1} loads the last pretrained block whatever its kind.
+    A subclass is one method: it names block L's class and builds its conditional part (conditional_part)."""
 
     def __init__(self, cfg, last_block):
         super().__init__()
         self.cfg = cfg
         s = cfg.sizes
         D = s["embed_dim"]
+        # block L is built before the trunk, as when each method built it itself: the random draws keep their
+        # order, so a seed still gives the same initial weights
+        last = last_block(D, s["num_heads"], s["mlp_ratio"])
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.grid**2, D))
         self.blocks = nn.ModuleList([Block(D, s["num_heads"], s["mlp_ratio"]) for _ in range(s["depth"] - 1)])
-        self.blocks.append(last_block)
+        self.blocks.append(last)
         self.norm = nn.LayerNorm(D, eps=1e-6)
+        condition = self.conditional_part()
+        if condition is not None:  # the Triplet network has none
+            self.condition = condition
+        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls)); TF-ASEN's feature_fc
+        self.init_weights()
+
+    def conditional_part(self):
+        """The module that brings the condition in (self.condition), or None."""
+        raise NotImplementedError
 
     def init_weights(self):
         # ViT-style initialisation for training from scratch; pretrained weights overwrite all but
@@ -372,12 +390,10 @@ class CCA(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
-        s = cfg.sizes
-        D = s["embed_dim"]
-        super().__init__(cfg, ConditionalCrossAttentionBlock(D, s["num_heads"], s["mlp_ratio"]))
-        self.condition = ConditionToken(cfg.condition_type, cfg.num_conditions, D)
-        self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls))
-        self.init_weights()
+        super().__init__(cfg, ConditionalCrossAttentionBlock)
+
+    def conditional_part(self):
+        return ConditionToken(self.cfg.condition_type, self.cfg.num_conditions, self.cfg.sizes["embed_dim"])  # q_c, eq. 2/3
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -488,15 +504,15 @@ class Baseline(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method == "cca":
             raise ValueError("method 'cca' is the CCA class: use build_model(cfg)")
-        s = cfg.sizes
-        D = s["embed_dim"]
-        super().__init__(cfg, Block(D, s["num_heads"], s["mlp_ratio"]))
+        super().__init__(cfg, Block)
+
+    def conditional_part(self):
+        cfg = self.cfg
         if cfg.method == "csn":
-            self.condition = CSNMask(cfg.num_conditions, cfg.out_dim)
-        elif cfg.method == "asen":
-            self.condition = ASENAttention(cfg.num_conditions, D)
-        self.head = nn.Linear(D, cfg.out_dim)
-        self.init_weights()
+            return CSNMask(cfg.num_conditions, cfg.out_dim)
+        if cfg.method == "asen":
+            return ASENAttention(cfg.num_conditions, cfg.sizes["embed_dim"])
+        return None  # "triplet": one embedding for every condition
 
     def features(self, images):
         x = self.trunk(images)
@@ -645,21 +661,6 @@ def google_to_timm(npz, cfg, path):
     return sd, ignored
 
 
-def torch_load(path):
-    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
-    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
-    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
-            text = text.split("WeightsUnpickler error:", 1)[1]
-        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
-        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
-                         f"or not a checkpoint") from None
-
-
 def read_weights(path, cfg):
     """Read any supported weight file into a dict of timm-named tensors (heads not yet dropped) and the list of the
     file's keys that hold no weights (an npz's optimizer state)."""
@@ -737,15 +738,133 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
     save_backbone(model, dst, os.path.basename(src))
 
 
+# -----------------------------------------------------------------------------
+# checkpoints: the two files this project writes, and reading them back
+
+
+"""
+A training checkpoint (train.py writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best) is one dict
+of tensors and plain Python types, so that torch.load(weights_only=True) reads it without running any code:
+
+    model        the model's state dict: the plain model, not torch.compile'd, not wrapped in DDP
+    config       asdict(CCAConfig): rebuilds the model (build_model(CCAConfig(**ckpt["config"])))
+    meta         the dataset's meta (data.load_meta): name, format ("asen" or "zappos"), attributes (their names)
+                 and values (each attribute's value names; empty lists for zappos)
+    args         vars() of train.py's flags (data_root: where evaluate.py finds the data by default)
+    epoch        the last finished epoch, counted from 0
+    optimizer    the optimizer's state dict (two param groups: trunk, rest)
+    scheduler    the learning-rate scheduler's state dict
+    best_metric  the best validation total so far (-1.0 before the first validation)
+    history      one dict per finished epoch: epoch, lr and, after a validation, the scores under "valid"
+
+Evaluating needs CHECKPOINT_KEYS (model, config, meta, args, epoch); resuming needs RESUME_KEYS as well.
+A backbone file ('cca.py convert', 'compare.py pretrain'; what --pretrained reads) is {"format": "cca-backbone",
+"arch", "img_size", "source", "state_dict"}, state_dict holding the model's backbone_keys() only (read_weights
+reads it, and the "model" of a training checkpoint too).
+Both are written to PATH.tmp and then renamed to PATH (save_atomic), so that a run stopped while writing
+leaves the previous file whole.
+"""
+
+CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs
+RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resuming needs as well
+
+
+def save_atomic(obj, path):
+    """torch.save to path + ".tmp", then rename: the file at `path` is always a whole one."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
+    """One dict that suffices to resume and to evaluate (the layout above); `model` the plain, unwrapped model."""
+    save_atomic(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                     best_metric=best, config=asdict(model.cfg), args=vars(args), meta=meta, history=history), path)
+
+
 def save_backbone(model, dst, source):
-    """Write the model's backbone (backbone_keys) as the .pt that --pretrained reads: {"format": "cca-backbone",
-    "arch", "img_size", "source", "state_dict"}; written to a temporary file, then renamed."""
+    """Write the model's backbone (backbone_keys) as the backbone file above, the .pt that --pretrained reads."""
     state = model.state_dict()
     sd = {k: state[k] for k in model.backbone_keys()}
-    tmp = dst + ".tmp"
-    torch.save({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, tmp)
-    os.replace(tmp, dst)
+    save_atomic({"format": "cca-backbone", "arch": model.cfg.arch, "img_size": model.cfg.img_size, "source": source, "state_dict": sd}, dst)
     print(f"wrote {dst}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} parameters, img_size {model.cfg.img_size}")
+
+
+def torch_load(path):
+    """torch.load(path, weights_only=True) on the CPU: tensors and plain types only, never code. A file it cannot
+    read raises a ValueError naming the file and the cause, without PyTorch's advice to retry with
+    weights_only=False: that would run whatever code the file holds, and the file may not be the user's own."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # the cause sits between PyTorch's advice and its pointer to the docs
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        cause = text.strip().split("\n")[0].split(". ")[0].rstrip(".")
+        raise ValueError(f"{path}: cannot read as a PyTorch file ({type(e).__name__}: {cause}): truncated, corrupt, "
+                         f"or not a checkpoint") from None
+
+
+def read_checkpoint(path, keys=CHECKPOINT_KEYS):
+    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
+    or lacks `keys`."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch_load(path)
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
+    if missing:
+        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """model.load_state_dict(state), strict; raises ValueError with one line naming what does not fit, not torch's list."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
+                         (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
+        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
+        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
+                         f"(written by an older cca.py?): {what}{hint}")
+    model.load_state_dict(state)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
+    ckpt = read_checkpoint(path)
+    model = build_model(CCAConfig(**ckpt["config"]))
+    load_model_state(model, ckpt["model"], path)
+    return model.to(device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------
+# device, precision and mode: one definition each for every command
+
+
+def default_device(name=None):
+    """torch.device(name), or by default the GPU when there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast(device, enabled=None):
+    """bf16 autocast on `device`: on for CUDA and off elsewhere (the CPU runs fp32), unless `enabled` says otherwise."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
+
+
+@contextmanager
+def evaluating(model):
+    """model in eval mode inside the block; its own mode (train or eval) restored after, on an error too."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(module):

@@ -44,17 +44,17 @@ import torch.nn.functional as F
 import evaluate
 import train
 import visualize
-from cca import ARCH_SIZES, CCAConfig, build_model, count_parameters, save_backbone
+from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
-from evaluate import evaluate_split, load_checkpoint, mean_average_precision
+from evaluate import evaluate_split, mean_average_precision
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {
-    "triplet": ("Triplet network", ["--method", "triplet"], 38.52),
-    "csn": ("TF-CSN", ["--method", "csn"], 64.86),
-    "asen": ("TF-ASEN", ["--method", "asen"], 64.21),
-    "cca1": ("CCA (Type-1)", ["--method", "cca", "--condition-type", "1"], 66.06),
-    "cca2": ("CCA (Type-2)", ["--method", "cca", "--condition-type", "2"], 69.03),
+    "triplet": (METHOD_TITLES["triplet", None], ["--method", "triplet"], 38.52),
+    "csn": (METHOD_TITLES["csn", None], ["--method", "csn"], 64.86),
+    "asen": (METHOD_TITLES["asen", None], ["--method", "asen"], 64.21),
+    "cca1": (METHOD_TITLES["cca", 1], ["--method", "cca", "--condition-type", "1"], 66.06),
+    "cca2": (METHOD_TITLES["cca", 2], ["--method", "cca", "--condition-type", "2"], 69.03),
 }
 PAPER_RANDOM = 15.79
 
@@ -141,7 +141,7 @@ def main(argv=None):
         p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
     out_dir = args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare")
     root, meta = prepare_dataset(args.data, args.data_root)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     common = ["--data", args.data, "--data-root", root, "--eval-missing", args.eval_missing] + (
         ["--epochs", str(args.epochs)] if args.epochs else [])
     if args.pretrained:
@@ -272,7 +272,7 @@ def pretrain(argv=None):
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.num_train < args.batch_size:
         p.error(f"--num-train {args.num_train} is less than one batch of {args.batch_size}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     t0 = time.time()
     x_train, y_train = make_shapes(args.num_train, args.img_size, seed=2 * args.seed, workers=args.workers)
     x_test, y_test = make_shapes(args.num_test, args.img_size, seed=2 * args.seed + 1, workers=args.workers)

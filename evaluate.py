@@ -16,7 +16,6 @@ Zappos50K: triplet prediction accuracy, overall and per condition. `mean_average
 
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import CCAConfig, build_model, torch_load
+from cca import autocast, default_device, evaluating, load_checkpoint
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
                   looks_like, prepare_dataset)
 
@@ -212,16 +211,13 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
     idx = shard(len(dataset), rank, world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
     feats, index = [], []
     for batch in loader:
         images, conditions, i = batch[0], batch[1], batch[-1]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with evaluating(model), autocast(device):
             f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
         feats.append(f.float())
         index.append(i.to(device))
-    model.train(was_training)
     out_dim = model.cfg.out_dim
     feats = torch.cat(feats) if feats else torch.empty(0, out_dim, device=device)
     index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device)
@@ -304,24 +300,6 @@ def format_results(result, meta, chance=None):
 # command line
 
 
-CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs; resuming needs RESUME_KEYS too
-RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")
-
-
-def read_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A train.py checkpoint as a dict, on the CPU; raises naming the file if it is missing, a folder, unreadable
-    or lacks `keys`."""
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give its best.pt or last.pt")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch_load(path)
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["everything"]
-    if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
 def device_arg(text):
     """argparse type of --device: a device this machine has, or a flag error now rather than a traceback later."""
     try:
@@ -336,34 +314,12 @@ def device_arg(text):
     return text
 
 
-def load_model_state(model, state, path):
-    """model.load_state_dict(state), strict; raises ValueError with one line naming what does not fit, not torch's list."""
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
-                         (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
-        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
-        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
-                         f"(written by an older cca.py?): {what}{hint}")
-    model.load_state_dict(state)
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
-    ckpt = read_checkpoint(path)
-    model = build_model(CCAConfig(**ckpt["config"]))
-    load_model_state(model, ckpt["model"], path)
-    return model.to(device).eval(), ckpt
-
-
 def open_split(args):
     """What evaluate.py and visualize.py start from: the model of args.ckpt on args.device (default: cuda when
     available), the dataset it was trained on under args.data_root (default: the checkpoint's), and the listed images
     of args.split checked under args.eval_missing. Prints what is used; exits with one `error:` line when something
     does not fit. Returns (model, checkpoint dict, data root, device)."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     try:
         model, ckpt = load_checkpoint(args.ckpt, device)
     except (OSError, ValueError) as e:  # missing, a folder, not a checkpoint

@@ -20,7 +20,7 @@ left out of its results when it is in the gallery.
 From Python, the same two steps:
 
     import search
-    from evaluate import load_checkpoint
+    from cca import load_checkpoint
     model, ckpt = load_checkpoint("runs/synthetic/best.pt")
     index = search.build_index(model, ["a.jpg", "b.jpg", ...], "gallery.idx", ckpt["meta"])
     hits = search.query(index, search.embed_image(model, "shirt.jpg"), ["sleeve_length", "colour"], [1.0, 0.5], topk=5)
@@ -49,8 +49,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cca import autocast, default_device, evaluating, load_checkpoint
 from data import IMAGE_EXTENSIONS, load_image, load_meta, read_filenames, read_labels
-from evaluate import device_arg, gather_by_index, load_checkpoint, shard
+from evaluate import device_arg, gather_by_index, shard
 from train import cleanup, exit_rank, setup
 
 MAGIC = b"CCAINDEX"
@@ -223,8 +224,6 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
     if labels is not None and np.shape(labels) != (n, K):
         raise ValueError(f"labels must be ({n}, {K}), one value index per image and attribute; got {np.shape(labels)}")
     device = _device(model)
-    was_training = model.training
-    model.eval()
     identity = dict(sha256=weights_sha256(model), config=asdict(model.cfg))
     mine = shard(n, rank, world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageList(paths, S), mine), batch_size=batch_size,
@@ -243,7 +242,7 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
         batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
         if batch is not None:
             images, idx, why = batch
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with evaluating(model), autocast(device):
                 e = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
             e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
             errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
@@ -260,7 +259,6 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
                 rate = done / (now - t0)
                 log(f"indexed {done}/{n} images, {rate:.1f} img/s, eta {fmt_time((n - done) / rate)}")
                 t_log = now
-    model.train(was_training)
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, errors)
@@ -332,13 +330,9 @@ def split_gallery(root, split, meta):
 def embed_image(model, path):
     """(K, D) float32: one image under every condition, embedded as build_index embeds the gallery."""
     device = _device(model)
-    was_training = model.training
-    model.eval()
     x = load_image(path, model.cfg.img_size)[None].to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        e = model.embed_all(x)[0].float().half().float()  # rounded to float16 like the gallery
-    model.train(was_training)
-    return e
+    with evaluating(model), autocast(device):
+        return model.embed_all(x)[0].float().half().float()  # rounded to float16 like the gallery
 
 
 def check_model(index, model, ckpt_path="the model"):
@@ -422,7 +416,7 @@ def bench(num_images, num_attributes, out_dims, folder, queries=5, device=None):
     """Write an index of num_images random unit vectors per attribute (for each width of out_dims) and time
     query() under one and under two attributes. Only the attributes the queries use are filled; the others stay
     holes in a sparse file, which a query never reads (each attribute's vectors are contiguous)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     K, N = num_attributes, num_images
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"query latency: {N:,} images x {K} attributes, float16, on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}")

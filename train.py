@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,11 +33,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import ARCH_SIZES, METHODS, CCAConfig, build_model, count_parameters, load_pretrained
+from cca import (ARCH_SIZES, CHECKPOINT_KEYS, METHODS, RESUME_KEYS, CCAConfig, autocast, build_model, count_parameters, default_device,
+                 load_model_state, load_pretrained, read_checkpoint, save_checkpoint)
 from data import (DATASETS, EVAL_MISSING, TripletBatches, TripletDataset, chance_map, check_eval_images, describe_images, error_message,
                   normalise, prepare_dataset)
-from evaluate import (CHECKPOINT_KEYS, NOT_COMPARABLE, RESUME_KEYS, device_arg, evaluate_split, format_results, load_model_state,
-                      read_checkpoint)
+from evaluate import NOT_COMPARABLE, device_arg, evaluate_split, format_results
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
@@ -161,7 +160,7 @@ def setup(device_arg):
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
     else:
         rank, world = 0, 1
-        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device_arg)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # DDP and set_device want an index
     if device.type == "cuda":
@@ -270,7 +269,7 @@ def train_step(model, optimizer, a, p, n, c, margin, use_amp, csn_reg=None):
     """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors.
     csn_reg: (embed weight, mask weight) of csn_regularisers for TF-CSN, or None."""
     B, x = a.shape[0], torch.cat([a, p, n])  # (3B, 3, S, S): one forward for all three
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with autocast(x.device, enabled=use_amp):
         if csn_reg:  # TF-CSN's penalties need the unmasked embeddings and the masks too
             f, emb, mask = model(x, c.repeat(3), csn_parts=True)
         else:
@@ -312,15 +311,6 @@ def training_flops(cfg):
         f = model(x, c.repeat(3)).view(3, 1, -1)
         triplet_loss(f[0], f[1], f[2], 0.2)[0].backward()
     return counter.get_total_flops() / 3
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
-    """One dict that suffices to resume and to evaluate; written to a temporary file, then renamed."""
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                best_metric=best, config=asdict(model.cfg), args=vars(args), meta=meta, history=history)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 def nonfinite_error(first_bad, steps):

@@ -4,7 +4,8 @@ image (the paper's Figure 4), attribute-specific retrieval (Figure A2), 2-D proj
 attribute's embedding space coloured by value (Figures 5 and 6), retrieval for a user's own image, and
 search.py's results under one or several attributes (search_figure).
 
-    from evaluate import load_checkpoint, embed_items
+    from cca import load_checkpoint
+    from evaluate import embed_items
     from data import EvalItems
     import visualize
     model, ckpt = load_checkpoint("runs/synthetic/best.pt"); meta = ckpt["meta"]
@@ -37,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from cca import autocast, evaluating, load_checkpoint, method_title
 from data import EVAL_MISSING, MEAN, STD, error_message, load_image
-from evaluate import device_arg, embed_items, embed_split, load_checkpoint, open_split
+from evaluate import device_arg, embed_items, embed_split, open_split
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -171,19 +173,17 @@ def attention_figure(model, image_path, meta, out_path, img_size=None) -> str:
     cols * side + (cols + 1) * PAD, height rows * (LINE + side) + (rows + 1) * PAD + LINE.
     Returns out_path.
     """
-    if not hasattr(model, "attention_maps"):
-        raise ValueError(f"{type(model).__name__} has no attention_maps(images, conditions): only a model with a "
-                         "conditional attention block (CCA) has per-attribute attention to draw")
+    if model.cfg.method not in ("cca", "asen"):
+        raise ValueError(f"method {model.cfg.method!r} has no attention_maps to draw: only CCA's block L and TF-ASEN's "
+                         "spatial attention depend on the attribute")
     img_size = img_size or model.cfg.img_size
     K = len(meta["attributes"])
-    if hasattr(model, "cfg") and model.cfg.num_conditions != K:
+    if model.cfg.num_conditions != K:
         raise ValueError(f"the model has {model.cfg.num_conditions} conditions, meta lists {K} attributes {meta['attributes']}")
     image = load_image(image_path, img_size)  # (3, S, S)
-    was_training = model.training
-    model.eval()
     device = model_device(model)
-    att = model.attention_maps(image[None].expand(K, -1, -1, -1).to(device), torch.arange(K, device=device))  # (K, heads, N)
-    model.train(was_training)
+    with evaluating(model):
+        att = model.attention_maps(image[None].expand(K, -1, -1, -1).to(device), torch.arange(K, device=device))  # (K, heads, N)
     side = panel_side(img_size)
     picture = to_picture(image, side)
     panels = [("input", picture)] + [(meta["attributes"][k], overlay(picture, heat_map(att[k], side))) for k in range(K)]
@@ -218,14 +218,11 @@ def retrieve(model, query_path, attr, meta, candidates, cand_feats, topk=5, quer
     idx = (candidates.attrs == attr).nonzero().squeeze(1)  # this attribute's candidates, in list order
     if len(idx) == 0:
         raise ValueError(f"no candidate of attribute {attr} ({meta['attributes'][attr]})")
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     image = load_image(query_path, model.cfg.img_size)
     # under the same autocast as evaluate.embed_items, so that the query and the candidates are embedded alike
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with evaluating(model), autocast(device):
         q = model(image[None].to(device), torch.tensor([attr], device=device))[0].float()  # (d,)
-    model.train(was_training)
     q = F.normalize(q.double().cpu(), dim=0)
     c = F.normalize(cand_feats[idx].double().cpu(), dim=1)  # (n_attr, d)
     scores = c @ q  # (n_attr,) cosine similarities, in float64 as evaluate.py
@@ -434,10 +431,6 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
     write_text(draw, (PAD, legend_y + (max(nvals) + 1) * LINE), colour_note(names, named), W - 2 * PAD, fill=GREY, center=False)
     fig.save(out_path)
     return scores
-
-def method_title(cfg):
-    """A method's name as the paper's tables write it."""
-    return {"cca": f"CCA (Type-{cfg.condition_type})", "triplet": "Triplet network", "csn": "TF-CSN", "asen": "TF-ASEN"}[cfg.method]
 
 
 def embeddings_picture(models, items, meta, out_path, device, batch_size=128, workers=2, feats=None) -> dict:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import visualize as V
-from cca import CCA, CCAConfig
+from cca import CCA, CCAConfig, build_model
 from data import EvalItems, load_image, load_meta
 
 S = 32  # image side; the tiny arch has output stride 8, so a 4 x 4 patch grid
@@ -98,12 +98,10 @@ def test_heat_map_is_normalised_and_upsampled():
 
 
 def test_attention_figure_refuses_a_model_without_attention(tiny, tmp_path):
-    class Baseline(torch.nn.Module):  # one embedding space, no conditional attention
-        def forward(self, images, conditions):
-            return images.flatten(1)
-
-    with pytest.raises(ValueError, match="attention_maps"):
-        V.attention_figure(Baseline(), tiny["query"].paths[0], tiny["meta"], str(tmp_path / "a.png"), img_size=S)
+    for method in ("triplet", "csn"):  # one embedding space, or a mask on it: no conditional attention
+        baseline = build_model(CCAConfig(arch="tiny", method=method, num_conditions=len(tiny["meta"]["attributes"]), img_size=S, out_dim=16))
+        with pytest.raises(ValueError, match="attention_maps"):
+            V.attention_figure(baseline, tiny["query"].paths[0], tiny["meta"], str(tmp_path / "a.png"), img_size=S)
 
 # -----------------------------------------------------------------------------
 # retrieval and predict
