@@ -539,8 +539,11 @@ class Baseline(HybridViT):
 
     def embed_all(self, images):
         x = self.features(images)  # condition-free up to the head: computed once
+        K = self.cfg.num_conditions
+        if self.cfg.method == "triplet":  # one space: the same embedding under every condition
+            return self.embed_features(x, None)[:, None].expand(-1, K, -1).contiguous()
         return torch.stack([self.embed_features(x, torch.full((x.shape[0],), k, device=x.device))
-                            for k in range(self.cfg.num_conditions)], dim=1)  # (B, K, out_dim)
+                            for k in range(K)], dim=1)  # (B, K, out_dim)
 
     @torch.no_grad()
     def attention_maps(self, images, conditions):

@@ -62,6 +62,7 @@ PAPER_RANDOM = 15.79
 def random_row(root, meta, split, dim, seed, missing="error"):
     """mAP of random unit embeddings: the 'random' row of the paper's tables."""
     g = torch.Generator().manual_seed(seed)
+    # only the labels are read: the image size (32) is never used, as no image is decoded
     q, c = (EvalItems(meta["name"], root, split, role, 32, missing) for role in ("query", "candidate"))
     result = mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
                                     torch.randn(len(c), dim, generator=g), c.attrs, c.values)
