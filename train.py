@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--num-triplets", type=int, default=None, help="triplets per epoch (default: 100,000; zappos 200,000; synthetic 4,000)")
     p.add_argument("--workers", type=int, default=None, help="data-loading processes per rank (default: 8; synthetic 0)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="mirror each training image left-right at random, per image (default: on; our choice, the "
+                        "evaluation images are never flipped)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the training images once into memory, 3*S*S bytes each per rank, and batch them without "
                         "loader workers (default: synthetic only; prepared arrays of 'data.py prepare' are used instead when there are)")
@@ -419,7 +422,7 @@ def train(args, rank, world, device):
                + (f"MFU against {peak[0]}" if peak else f"no MFU: no peak known for {torch.cuda.get_device_name(device)}"))
     print0(f"torch.compile {'on' if args.compile else 'off'}, channels-last {'on' if channels_last else 'off'}")
 
-    data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=True,
+    data = TripletDataset(args.data, root, cfg.img_size, args.num_triplets, seed=args.seed, rank=rank, world_size=world, flip=args.flip,
                           cache=args.cache_images)
     # from what the epoch holds (zappos: CSN's list without the triplets of missing images), not from --num-triplets;
     # len(data) is the same on every rank: DDP needs every rank to take each step
