@@ -76,6 +76,7 @@ class CCAConfig:
     @property
     def sizes(self):
         return ARCH_SIZES[self.arch]
+
     @property
     def stride(self):
         # root conv /2, max-pool /2, then every stage after the first halves the grid
@@ -744,29 +745,26 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
 # -----------------------------------------------------------------------------
 # checkpoints: the two files this project writes, and reading them back
 
-
-"""
-A training checkpoint (train.py writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best) is one dict
-of tensors and plain Python types, so that torch.load(weights_only=True) reads it without running any code:
-
-    model        the model's state dict: the plain model, not torch.compile'd, not wrapped in DDP
-    config       asdict(CCAConfig): rebuilds the model (build_model(CCAConfig(**ckpt["config"])))
-    meta         the dataset's meta (data.load_meta): name, format ("asen" or "zappos"), attributes (their names)
-                 and values (each attribute's value names; empty lists for zappos)
-    args         vars() of train.py's flags (data_root: where evaluate.py finds the data by default)
-    epoch        the last finished epoch, counted from 0
-    optimizer    the optimizer's state dict (two param groups: trunk, rest)
-    scheduler    the learning-rate scheduler's state dict
-    best_metric  the best validation total so far (-1.0 before the first validation)
-    history      one dict per finished epoch: epoch, lr and, after a validation, the scores under "valid"
-
-Evaluating needs CHECKPOINT_KEYS (model, config, meta, args, epoch); resuming needs RESUME_KEYS as well.
-A backbone file ('cca.py convert', 'compare.py pretrain'; what --pretrained reads) is {"format": "cca-backbone",
-"arch", "img_size", "source", "state_dict"}, state_dict holding the model's backbone_keys() only (read_weights
-reads it, and the "model" of a training checkpoint too).
-Both are written to PATH.tmp and then renamed to PATH (save_atomic), so that a run stopped while writing
-leaves the previous file whole.
-"""
+# A training checkpoint (train.py writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best) is one dict
+# of tensors and plain Python types, so that torch.load(weights_only=True) reads it without running any code:
+#
+#     model        the model's state dict: the plain model, not torch.compile'd, not wrapped in DDP
+#     config       asdict(CCAConfig): rebuilds the model (build_model(CCAConfig(**ckpt["config"])))
+#     meta         the dataset's meta (data.load_meta): name, format ("asen" or "zappos"), attributes (their names)
+#                  and values (each attribute's value names; empty lists for zappos)
+#     args         vars() of train.py's flags (data_root: where evaluate.py finds the data by default)
+#     epoch        the last finished epoch, counted from 0
+#     optimizer    the optimizer's state dict (two param groups: trunk, rest)
+#     scheduler    the learning-rate scheduler's state dict
+#     best_metric  the best validation total so far (-1.0 before the first validation)
+#     history      one dict per finished epoch: epoch, lr and, after a validation, the scores under "valid"
+#
+# Evaluating needs CHECKPOINT_KEYS (model, config, meta, args, epoch); resuming needs RESUME_KEYS as well.
+# A backbone file ('cca.py convert', 'compare.py pretrain'; what --pretrained reads) is {"format": "cca-backbone",
+# "arch", "img_size", "source", "state_dict"}, state_dict holding the model's backbone_keys() only (read_weights
+# reads it, and the "model" of a training checkpoint too).
+# Both are written to PATH.tmp and then renamed to PATH (save_atomic), so that a run stopped while writing
+# leaves the previous file whole.
 
 CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs
 RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resuming needs as well

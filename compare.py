@@ -45,8 +45,8 @@ import evaluate
 import train
 import visualize
 from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
-from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, EvalItems, chance_map, error_message, make_shapes, normalise, prepare_dataset
-from evaluate import evaluate_split, mean_average_precision
+from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, chance_map, error_message, make_shapes, normalise, prepare_dataset
+from evaluate import embed_split, mean_average_precision, split_map
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {
@@ -59,11 +59,10 @@ METHODS = {
 PAPER_RANDOM = 15.79
 
 
-def random_row(root, meta, split, dim, seed, missing="error"):
-    """mAP of random unit embeddings: the 'random' row of the paper's tables."""
+def random_row(items, dim, seed):
+    """mAP of random unit embeddings for the split's {"query", "candidate"} items: the 'random' row of the paper's tables."""
     g = torch.Generator().manual_seed(seed)
-    # only the labels are read: the image size (32) is never used, as no image is decoded
-    q, c = (EvalItems(meta["name"], root, split, role, 32, missing) for role in ("query", "candidate"))
+    q, c = items["query"], items["candidate"]
     result = mean_average_precision(torch.randn(len(q), dim, generator=g), q.attrs, q.values,
                                     torch.randn(len(c), dim, generator=g), c.attrs, c.values)
     return evaluate.mark_incomplete(result, {"query": (q.left_out, q.listed), "candidate": (c.left_out, c.listed)})
@@ -167,13 +166,17 @@ def main(argv=None):
             seconds[seed, name] = time.time() - t0
     else:
         seconds = train_in_parallel(todo, args.jobs)
+    figure = {}  # the first seed's CCA Type-2 and Triplet network: (model, items, features) for the embeddings picture
     for seed in args.seeds:
         for name in args.methods:
             model, ckpt = load_checkpoint(os.path.join(out_dir, f"seed{seed}", name, "best.pt"), device)
-            r = evaluate_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
+            items, feats = embed_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
+            r = split_map(items, feats)  # evaluate_split's mAP, with the features kept for the picture
             runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds.get((seed, name)), **r)
             print(f"{METHODS[name][0]}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
-        runs["random"][seed] = random_row(root, meta, args.split, 1024, seed, args.eval_missing)
+            if seed == args.seeds[0] and name in ("cca2", "triplet"):
+                figure[name] = model, items, feats
+        runs["random"][seed] = random_row(items, 1024, seed)
 
     results, rows = {}, []
     for name in runs:
@@ -196,11 +199,11 @@ def main(argv=None):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(data=args.data, split=args.split, chance=chance, seeds=args.seeds, pretrained=args.pretrained, machine=machine(device),
                        wall_seconds=time.time() - t_all, methods=results), f, indent=2, default=str)
-    if "cca2" in args.methods and "triplet" in args.methods:  # the paper's Figure 5: CCA beside the Triplet network
-        models = [load_checkpoint(os.path.join(out_dir, f"seed{args.seeds[0]}", name, "best.pt"), device)[0] for name in ("cca2", "triplet")]
-        items = {role: EvalItems(meta["name"], root, args.split, role, models[0].cfg.img_size, args.eval_missing)
-                 for role in ("query", "candidate")}
-        print(visualize.format_separation(visualize.embeddings_picture(models, items, meta, os.path.join(out_dir, "embeddings.png"), device)))
+    if len(figure) == 2:  # the paper's Figure 5: CCA beside the Triplet network, features from the scoring above
+        (cca2, items, f_cca2), (triplet, _, f_triplet) = figure["cca2"], figure["triplet"]
+        scores = visualize.embeddings_picture([cca2, triplet], items, meta, os.path.join(out_dir, "embeddings.png"), device,
+                                              feats=[f_cca2, f_triplet])
+        print(visualize.format_separation(scores))
         print(f"wrote {out_dir}/embeddings.png")
     print(f"wrote {out_dir}/table.md, results.json")
 

@@ -212,12 +212,13 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     feats, index = [], []
-    for batch in loader:
-        images, conditions, i = batch[0], batch[1], batch[-1]
-        with evaluating(model), autocast(device):
-            f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
-        feats.append(f.float())
-        index.append(i.to(device))
+    with evaluating(model):
+        for batch in loader:
+            images, conditions, i = batch[0], batch[1], batch[-1]
+            with autocast(device):
+                f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
+            feats.append(f.float())
+            index.append(i.to(device))
     out_dim = model.cfg.out_dim
     feats = torch.cat(feats) if feats else torch.empty(0, out_dim, device=device)
     index = torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device)

@@ -238,27 +238,28 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
         emb = np.memmap(tmp, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K, n, D))
     errors, batches = [], iter(loader)
     t0 = t_log = time.time()
-    for step in range(steps):
-        batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
-        if batch is not None:
-            images, idx, why = batch
-            with evaluating(model), autocast(device):
-                e = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
-            e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
-            errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
-        else:
-            e, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
-        start = step * window
-        m = min(window, n - start)
-        g = gather_by_index(e, idx - start, m)  # (m, K * D) in image order
-        if rank == 0:
-            emb[:, start:start + m] = g.view(m, K, D).transpose(0, 1).cpu().numpy()
-            now = time.time()
-            if now - t_log >= log_every or step + 1 == steps:
-                done = start + m
-                rate = done / (now - t0)
-                log(f"indexed {done}/{n} images, {rate:.1f} img/s, eta {fmt_time((n - done) / rate)}")
-                t_log = now
+    with evaluating(model):
+        for step in range(steps):
+            batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
+            if batch is not None:
+                images, idx, why = batch
+                with autocast(device):
+                    e = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
+                e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
+                errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
+            else:
+                e, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
+            start = step * window
+            m = min(window, n - start)
+            g = gather_by_index(e, idx - start, m)  # (m, K * D) in image order
+            if rank == 0:
+                emb[:, start:start + m] = g.view(m, K, D).transpose(0, 1).cpu().numpy()
+                now = time.time()
+                if now - t_log >= log_every or step + 1 == steps:
+                    done = start + m
+                    rate = done / (now - t0)
+                    log(f"indexed {done}/{n} images, {rate:.1f} img/s, eta {fmt_time((n - done) / rate)}")
+                    t_log = now
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, errors)

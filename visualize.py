@@ -434,15 +434,15 @@ def embedding_figure(panels, meta, out_path, max_points=2000) -> dict:
 
 
 def embeddings_picture(models, items, meta, out_path, device, batch_size=128, workers=2, feats=None) -> dict:
-    """The paper's Figure 5 for `models`, one row each titled by its method: each model embeds the split's queries and
-    candidates (items: evaluate.embed_split's {"query", "candidate"} EvalItems) under their own attributes, and
-    embedding_figure draws them into out_path. feats: models[0]'s features of items, if already embedded (embed_split).
-    Returns embedding_figure's scores."""
+    """The paper's Figure 5 for `models`, one row each titled by its method: the split's queries and candidates
+    (items: evaluate.embed_split's {"query", "candidate"} EvalItems) under their own attributes, drawn by
+    embedding_figure into out_path. feats: one entry per model, its embed_split features of items when already
+    embedded, else None (embedded here). Returns embedding_figure's scores."""
     q, c = items["query"], items["candidate"]
     attrs, values = torch.cat([q.attrs, c.attrs]), torch.cat([q.values, c.values])
     panels = []
-    for i, m in enumerate(models):
-        f = feats if i == 0 and feats is not None else {role: embed_items(m, s, device, batch_size, workers) for role, s in items.items()}
+    for m, f in zip(models, feats or [None] * len(models)):
+        f = f or {role: embed_items(m, s, device, batch_size, workers) for role, s in items.items()}
         panels.append((method_title(m.cfg), torch.cat([f["query"], f["candidate"]]).cpu(), attrs, values))
     return embedding_figure(panels, meta, out_path)
 
@@ -572,7 +572,8 @@ def draw(args, model, meta, root, device) -> dict:
         print("wrote", path)
     if args.embeddings:
         path = os.path.join(out, "embeddings.png")
-        drawn["embeddings"] = embeddings_picture([model] + others, items, meta, path, device, args.batch_size, args.workers, feats)
+        drawn["embeddings"] = embeddings_picture([model] + others, items, meta, path, device, args.batch_size, args.workers,
+                                                [feats] + [None] * len(others))
         print(format_separation(drawn["embeddings"]))
         print("wrote", path)
     return drawn

@@ -312,8 +312,13 @@ def test_zappos_trains_and_scores_triplet_accuracy(zappos, tmp_path, capsys):
     assert ckpt["meta"]["format"] == "zappos" and 0 <= result["total"] <= 1
 
 
-def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth120, tmp_path, capsys):
+def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth120, tmp_path, capsys, monkeypatch):
     import compare
+    import visualize
+
+    def embed_again(*a, **kw):
+        raise AssertionError("the embeddings picture re-embedded the split: it should reuse the scoring's features")
+    monkeypatch.setattr(visualize, "embed_items", embed_again)
 
     tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
     compare.main(["--data-root", synth120, "--methods", "triplet", "cca2", "--epochs", "1", "--split", "valid", "--seeds", "0", "1",
