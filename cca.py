@@ -49,6 +49,7 @@ METHODS = ("cca", "triplet", "csn", "asen")
 # The names the paper's tables give the methods, by (method, condition_type); condition_type is CCA's alone
 METHOD_TITLES = {("cca", 1): "CCA (Type-1)", ("cca", 2): "CCA (Type-2)", ("triplet", None): "Triplet network",
                  ("csn", None): "TF-CSN", ("asen", None): "TF-ASEN"}
+CSN_PENALTY = dict(embed_reg=5e-3, mask_reg=5e-4)  # TF-CSN's penalty weights (CSNMask): CSN's --embed_loss, --mask_loss
 
 
 @dataclass
@@ -105,10 +106,9 @@ def same_pad(size, kernel, stride):
 class StdConv2d(nn.Conv2d):
     """Conv with a weight standardised per output channel, TF-SAME padded (BiT / ViT-hybrid).
 
-    A stride-1 odd kernel pads symmetrically, so that case uses the conv's own padding; a strided
-    conv pads asymmetrically (extra pixel right/bottom), which PyTorch's symmetric padding would
-    shift by a pixel against the pretrained weights.
-    """
+    A stride-1 odd kernel pads symmetrically, so that case uses the conv's own padding; a strided conv pads
+    asymmetrically (extra pixel right/bottom), which PyTorch's symmetric padding would shift by a pixel against the
+    pretrained weights."""
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, eps=1e-8):
         super().__init__(in_ch, out_ch, kernel_size, stride, padding=(kernel_size - 1) // 2 if stride == 1 else 0, bias=False)
@@ -288,15 +288,15 @@ class Block(nn.Module):
 class ConditionToken(nn.Module):
     """The condition token q_c, Type-1 (eq. 2) or Type-2 (eq. 3)."""
 
-    def __init__(self, condition_type, num_conditions, dim):
+    def __init__(self, cfg):
         super().__init__()
-        self.condition_type = condition_type
-        if condition_type == 1:
-            self.fc = nn.Linear(num_conditions, dim)  # eq. 2: q_c = FC(onehot(c))
+        self.condition_type, K, D = cfg.condition_type, cfg.num_conditions, cfg.sizes["embed_dim"]
+        if self.condition_type == 1:
+            self.fc = nn.Linear(K, D)  # eq. 2: q_c = FC(onehot(c))
         else:
             # eq. 3: q_c = FC(ReLU(M[c, :])), M the K x D mask table of CSN, with CSN's initialisation
-            self.mask = nn.Parameter(torch.empty(num_conditions, dim).normal_(mean=0.9, std=0.7))
-            self.fc = nn.Linear(dim, dim)
+            self.mask = nn.Parameter(torch.empty(K, D).normal_(mean=0.9, std=0.7))
+            self.fc = nn.Linear(D, D)
 
     def forward(self, c):
         """c: (...,) long condition indices -> (..., D) condition tokens."""
@@ -307,16 +307,14 @@ class ConditionToken(nn.Module):
 
 
 class ConditionalCrossAttentionBlock(Block):
-    """Block L (eq. 6): the block's structure and weights, with the attention's query built from
-    the condition token and the keys and values from the image tokens.
+    """Block L (eq. 6): the block's structure and weights, with the attention's query built from the condition token
+    and the keys and values from the image tokens.
 
-    Eq. 4 repeats q_c to every token position; every query row is then the same vector, so every
-    row of the attention output is too, and only the [CLS] row is read out (eq. 7). One query per
-    condition therefore gives the same [CLS] output (tests/test_cca.py proves it).
-    Where the paper is silent (our decision): the condition token is normalised by
-    the block's norm1 and projected by the block's query weights, like a token; the attention output
-    is added to the [CLS] token, then the block's MLP follows.
-    """
+    Eq. 4 repeats q_c to every token position; every query row is then the same vector, so every row of the attention
+    output is too, and only the [CLS] row is read out (eq. 7). One query per condition therefore gives the same [CLS]
+    output (tests/test_cca.py proves it). Where the paper is silent (our decision): the condition token is normalised
+    by the block's norm1 and projected by the block's query weights, like a token; the attention output is added to
+    the [CLS] token, then the block's MLP follows."""
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
@@ -332,15 +330,14 @@ class HybridViT(nn.Module):
     """The R50+ViT-B/16 hybrid: patch embedding, [CLS], position embedding, L blocks, final norm, then the
     method's conditional part and the head. Blocks 1..L-1 are the shared trunk; block L is of the class
     `last_block`. One list keeps timm's names, so blocks.{L-1} loads the last pretrained block whatever its kind.
-    A subclass is one method: it names block L's class and builds its conditional part (conditional_part)."""
+    A subclass is one method: it names block L's class and the class of its conditional part, built from cfg."""
 
-    def __init__(self, cfg, last_block):
+    def __init__(self, cfg, last_block, conditional_part):
         super().__init__()
         self.cfg = cfg
         s = cfg.sizes
         D = s["embed_dim"]
-        # block L is built before the trunk, as when each method built it itself: the random draws keep their
-        # order, so a seed still gives the same initial weights
+        # block L is built first: the order of the random draws, and so a seed's initial weights, depends on it
         last = last_block(D, s["num_heads"], s["mlp_ratio"])
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -348,15 +345,15 @@ class HybridViT(nn.Module):
         self.blocks = nn.ModuleList([Block(D, s["num_heads"], s["mlp_ratio"]) for _ in range(s["depth"] - 1)])
         self.blocks.append(last)
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        condition = self.conditional_part()
-        if condition is not None:  # the Triplet network has none
-            self.condition = condition
+        self.condition = conditional_part(cfg)  # state dict keys "condition." (the Triplet network's has none)
         self.head = nn.Linear(D, cfg.out_dim)  # eq. 7: f = l2(FC(x_cls)); TF-ASEN's feature_fc
         self.init_weights()
 
-    def conditional_part(self):
-        """The module that brings the condition in (self.condition), or None."""
-        raise NotImplementedError
+    def embed_and_penalty(self, images, conditions):
+        """(forward's embeddings, the method's penalty added to eq. 9's loss: 0-dim float32 on their device, zero but
+        for TF-CSN) of a triplet batch [anchors; positives; negatives], as train.py's train_step builds it: images
+        torch.cat([a, p, n]), conditions c.repeat(3)."""
+        return self(images, conditions), images.new_zeros((), dtype=torch.float32)
 
     def init_weights(self):
         # ViT-style initialisation for training from scratch; pretrained weights overwrite all but
@@ -391,10 +388,7 @@ class CCA(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
-        super().__init__(cfg, ConditionalCrossAttentionBlock)
-
-    def conditional_part(self):
-        return ConditionToken(self.cfg.condition_type, self.cfg.num_conditions, self.cfg.sizes["embed_dim"])  # q_c, eq. 2/3
+        super().__init__(cfg, ConditionalCrossAttentionBlock, ConditionToken)  # q_c of eq. 2/3
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -426,61 +420,95 @@ class CCA(HybridViT):
 # the comparison methods of the paper's tables, on the same backbone (all L blocks self-attention)
 
 
-class CSNMask(nn.Module):
-    """TF-CSN (paper Table 2, after Veit et al.): a learned mask per condition on the embedding,
-    f = l2(FC(x_cls) * ReLU(M[c])), M initialised as CSN's normal(0.9, 0.7). Trained with CSN's penalties on
-    FC(x_cls) and on ReLU(M[c]) (train.csn_regularisers, which says where they apply and why)."""
+class ConditionalPart(nn.Module):
+    """A comparison method's conditional part: part(x, c, head) is the (B, out_dim) embedding, before the L2 norm, of
+    the final-normed tokens x (B, 1+N, D) under conditions c (B,). Defaults: no penalty, K calls for K conditions."""
 
-    def __init__(self, num_conditions, out_dim):
+    def __init__(self, cfg):
         super().__init__()
-        self.mask = nn.Parameter(torch.empty(num_conditions, out_dim).normal_(mean=0.9, std=0.7))
+        self.method = cfg.method  # for the messages
 
-    def forward(self, emb, c):
-        return emb * F.relu(self.mask[c])  # (B, out_dim)
+    def embed_and_penalty(self, x, c, head):
+        return self(x, c, head), x.new_zeros((), dtype=torch.float32)
+
+    def embed_all(self, embed, x, K):
+        """(B, K, out_dim): embed(x, c), the model's unit-norm embedding, under each of the K conditions."""
+        return torch.stack([embed(x, torch.full((x.shape[0],), k, device=x.device)) for k in range(K)], dim=1)
+
+    def attention_maps(self, x, c):
+        raise ValueError(f"method {self.method!r} has no condition-dependent attention map to show")
 
 
-class ASENAttention(nn.Module):
-    """TF-ASEN (paper Table 2 and section 4, "SOTA models applied Transformer"): ASEN's ASENet (Ma et al.,
-    AAAI 2020; the authors' model.py) on the last layer's patch tokens, read as the grid ASEN's CNN map would be.
+class TripletEmbedding(ConditionalPart):
+    """The tables' Triplet network: one embedding for every condition, l2(FC(x_cls)); no parameters."""
 
-    With a = onehot(c), the N tokens x_n (width D) and tanh before the softmax as ASEN has it:
+    def forward(self, x, c, head):
+        return head(x[:, 0])  # (B, out_dim), the condition unused
+
+    def embed_all(self, embed, x, K):
+        return embed(x, None)[:, None].expand(-1, K, -1).contiguous()  # one space: computed once
+
+
+class CSNMask(ConditionalPart):
+    """TF-CSN (paper Table 2, after CSN, Veit et al., CVPR 2017): a learned mask per condition on the embedding,
+    f = l2(FC(x_cls) * ReLU(M[c])), M initialised as CSN's normal(0.9, 0.7). Its training penalty is CSN's two
+    regularisers in their form (CSN's main.py, csn.py, tripletnet.py), over a triplet batch of B:
+        embed_reg * mean_t ||E_t||_F / sqrt(B)  +  mask_reg * ||ReLU(M[c])||_1 / B
+    E_t (B, out_dim) is FC(x_cls) of the anchors, positives or negatives before the mask (CSN's embeddingnet output), so
+    the first is the root mean square of the images' norms, not squared; embed_reg and mask_reg are plain attributes,
+    CSN_PENALTY unless train.py sets them (0 drops a term). CSN compares masked embeddings unnormalised, by Euclidean
+    distance: the first keeps them in a ball (scaled up, they would meet any margin), the second makes the masks sparse.
+    Eq. 9's cosine would make a penalty on the output (norm 1) a constant, so they act where CSN puts them, on FC(x_cls)
+    and the masks, scales the loss is blind to: trading against no margin, they shrink both, which for a scale-free loss
+    sets each Adam step's size relative to them (as weight decay on a normalised layer), and the L1 term still zeroes
+    the mask entries the loss does not need. On the method's own parts, with CSN's untuned values: part of TF-CSN."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.mask = nn.Parameter(torch.empty(cfg.num_conditions, cfg.out_dim).normal_(mean=0.9, std=0.7))
+        self.embed_reg, self.mask_reg = CSN_PENALTY["embed_reg"], CSN_PENALTY["mask_reg"]
+
+    def forward(self, x, c, head):
+        return head(x[:, 0]) * F.relu(self.mask[c])  # (B, out_dim)
+
+    def embed_and_penalty(self, x, c, head):
+        emb, mask = head(x[:, 0]), F.relu(self.mask[c])  # (3B, out_dim) each: [anchors; positives; negatives]
+        B = emb.shape[0] // 3  # each as (3, B, out_dim) below
+        embed = emb.view(3, B, -1).float().flatten(1).norm(dim=1).mean() / math.sqrt(B)  # mean_t ||E_t||_F / sqrt(B)
+        l1 = mask.view(3, B, -1).float().abs().sum() / (3 * B)  # ||ReLU(M[c])||_1 / B, averaged over the three
+        return emb * mask, self.embed_reg * embed + self.mask_reg * l1
+
+
+class ASENAttention(ConditionalPart):
+    """TF-ASEN (paper Table 2 and section 4, "SOTA models applied Transformer"): ASEN's ASENet (Ma et al., AAAI 2020;
+    the authors' model.py) on the last layer's patch tokens, read as the grid ASEN's CNN map would be. With
+    a = onehot(c), the N tokens x_n (width D) and tanh before the softmax as ASEN has it:
       attribute-aware spatial attention   p_n = tanh(W_s x_n + b_s) * tanh(A_s a)       (512 wide)
                                           s = softmax_n(tanh(w_p . p_n + b_p)),  v = sum_n s_n x_n
       attribute-aware channel attention   q = ReLU(A_c a)                                (D wide)
                                           w = sigmoid(W_2 ReLU(W_1 [v, q] + b_1) + b_2),  u = v * w
-    and the model's head then gives l2(FC(u)), ASEN's feature_fc and l2norm.
+    and the model's head gives FC(u), ASEN's feature_fc, before the model's L2 norm. The logit goes through tanh,
+    so it lies in [-1, 1] and one location gets at most e^2 / (e^2 + N - 1) of the weight (3.7% of 196 locations at
+    224 px) however large the weights grow: ASEN's spatial attention is soft by construction. A 1x1 conv on a grid is
+    a Linear layer on its tokens (the same weights up to a reshape): we keep the tokens, sparing two reshapes. ASEN's
+    512 (the spatial attention's joint width, the channel attention's hidden width) is kept at every size; its 1024,
+    the width of its feature map (ResNet-50's third stage), is the token width D, as the attended feature, the channel
+    weights and the attribute's channel vector meet the tokens element by element. Biases and initialisation follow
+    ASEN: no bias in the two attribute FCs, one in the projections and the two channel FCs, PyTorch's default
+    initialisation. What differs from ASENet, and why: the features are the ViT's last-block tokens after its final
+    LayerNorm (the backbone's output, as for every method here), not the ResNet's post-ReLU map, and [CLS] is left
+    out, as ASEN's map has none; ASEN's feature_fc (1024 -> 1024) is the model's `head` (D -> out_dim), initialised
+    like every method's head (truncated normal, std 0.02, zero bias) to load and train as theirs do; the grid follows
+    the image (ASEN fixes 14 x 14); the one-hot's bias-free FC is a column lookup of its weight (the same product)."""
 
-    Because the logit goes through tanh, it lies in [-1, 1], so one location gets at most e^2 / (e^2 + N - 1) of
-    the weight (3.7% of 196 locations at 224 px), however large the weights grow: ASEN's spatial attention is soft
-    by construction. A 1x1 conv on a grid is a Linear layer on its tokens: we keep the tokens and use Linear
-    layers (same weights up to a reshape, same default initialisation), which spares two reshapes.
-
-    Widths: ASEN's 512 (the joint width of the spatial attention and the hidden width of the channel attention)
-    is kept at every size; ASEN's 1024, the width of its feature map (ResNet-50's third stage), is the token
-    width D here, because the attended feature, the channel weights and the attribute's channel vector are
-    multiplied or concatenated with the tokens element by element.
-
-    What differs from ASENet, and why:
-    - The features are the ViT's last-block tokens after its final LayerNorm (the backbone's output, as for
-      every method here), not the ResNet's post-ReLU map; [CLS] is left out, as ASEN's map has none.
-    - ASEN's feature_fc (1024 -> 1024, PyTorch's default initialisation) is the model's `head` (D -> out_dim),
-      initialised like every method's head (truncated normal, std 0.02, zero bias), so that it loads and
-      trains as the other methods' heads do.
-    - The grid size follows the image (ASEN fixes 14 x 14), and the one-hot's bias-free FC is read as a
-      column lookup of its weight (the same product, without building the one-hot).
-    Biases follow ASEN: the two attribute FCs have none; the projections and the two channel FCs have one.
-    The layers here keep PyTorch's default initialisation, as ASEN's do.
-    """
-
-    def __init__(self, num_conditions, dim, joint=512):
-        super().__init__()
-        # spatial attention
-        self.attr_spatial = nn.Linear(num_conditions, joint, bias=False)  # A_s, ASEN's mask_fc1
-        self.feat_proj = nn.Linear(dim, joint)  # W_s, ASEN's conv1 (1x1)
+    def __init__(self, cfg, joint=512):
+        super().__init__(cfg)
+        K, D = cfg.num_conditions, cfg.sizes["embed_dim"]
+        self.attr_spatial = nn.Linear(K, joint, bias=False)  # spatial attention: A_s, ASEN's mask_fc1
+        self.feat_proj = nn.Linear(D, joint)  # W_s, ASEN's conv1 (1x1)
         self.score = nn.Linear(joint, 1)  # w_p, ASEN's conv2 (1x1, to one channel)
-        # channel attention
-        self.attr_channel = nn.Linear(num_conditions, dim, bias=False)  # A_c, ASEN's mask_fc2
-        self.channel = nn.Sequential(nn.Linear(2 * dim, joint), nn.ReLU(), nn.Linear(joint, dim))  # W_1, W_2: fc1, fc2
+        self.attr_channel = nn.Linear(K, D, bias=False)  # channel attention: A_c, ASEN's mask_fc2
+        self.channel = nn.Sequential(nn.Linear(2 * D, joint), nn.ReLU(), nn.Linear(joint, D))  # W_1, W_2: fc1, fc2
 
     def spatial(self, tokens, c):
         """tokens (B, N, D), c (B,) -> the softmax weights over the N locations, (B, N)."""
@@ -488,71 +516,45 @@ class ASENAttention(nn.Module):
         p = torch.tanh(self.feat_proj(tokens)) * attr[:, None]  # (B, N, 512)
         return torch.softmax(torch.tanh(self.score(p).squeeze(-1)), dim=-1)  # tanh bounds the logits to [-1, 1]
 
-    def forward(self, tokens, c):
-        """tokens (B, N, D) patch tokens, c (B,) -> (B, D) attended feature u, before the head."""
+    def forward(self, x, c, head):
+        tokens = x[:, 1:]  # (B, N, D): the patch tokens
         v = torch.einsum("bn,bnd->bd", self.spatial(tokens, c), tokens)  # (B, D): attention-weighted sum
         q = F.relu(self.attr_channel.weight.t()[c])  # (B, D): ReLU(A_c onehot(c))
         w = torch.sigmoid(self.channel(torch.cat([v, q], dim=-1)))  # (B, D) channel weights
-        return v * w
+        return head(v * w)  # (B, out_dim): FC(u)
+
+    def attention_maps(self, x, c):
+        return self.spatial(x[:, 1:], c)[:, None]  # (B, 1, N)
 
 
 class Baseline(HybridViT):
-    """The plain hybrid ViT (every block self-attention) with the head of a comparison method:
-    "triplet": one embedding for every condition, l2(FC(x_cls)) (the tables' "Triplet network");
-    "csn": TF-CSN, a per-condition mask on that embedding; "asen": TF-ASEN, condition-guided
-    spatial and channel attention over the patch tokens."""
+    """The plain hybrid ViT (every block self-attention) with a comparison method's conditional part, then L2 norm."""
 
     def __init__(self, cfg: CCAConfig):
         if cfg.method == "cca":
             raise ValueError("method 'cca' is the CCA class: use build_model(cfg)")
-        super().__init__(cfg, Block)
-
-    def conditional_part(self):
-        cfg = self.cfg
-        if cfg.method == "csn":
-            return CSNMask(cfg.num_conditions, cfg.out_dim)
-        if cfg.method == "asen":
-            return ASENAttention(cfg.num_conditions, cfg.sizes["embed_dim"])
-        return None  # "triplet": one embedding for every condition
+        super().__init__(cfg, Block, {"triplet": TripletEmbedding, "csn": CSNMask, "asen": ASENAttention}[cfg.method])
 
     def features(self, images):
-        x = self.trunk(images)
-        return self.norm(self.blocks[-1](x))  # (B, 1+N, D)
+        return self.norm(self.blocks[-1](self.trunk(images)))  # (B, 1+N, D)
 
-    def embed_features(self, x, c):
-        if self.cfg.method == "asen":
-            return F.normalize(self.head(self.condition(x[:, 1:], c)).float(), dim=-1)
-        emb = self.head(x[:, 0])
-        if self.cfg.method == "csn":
-            emb = self.condition(emb, c)
-        return F.normalize(emb.float(), dim=-1)  # "triplet": the condition is not used
+    def embed(self, x, c):  # (B, out_dim) unit-norm embeddings of final-normed tokens x (B, 1+N, D)
+        return F.normalize(self.condition(x, c, self.head).float(), dim=-1)
 
-    def forward(self, images, conditions, csn_parts=False):
-        """(B, out_dim) unit-norm embeddings. csn_parts=True (TF-CSN only) returns them with what CSN's
-        regularisers need (train.csn_regularisers): the unmasked embedding FC(x_cls) and the mask ReLU(M[c])."""
-        x = self.features(images)
-        if not csn_parts:
-            return self.embed_features(x, conditions)
-        if self.cfg.method != "csn":
-            raise ValueError(f"csn_parts is for method 'csn', not {self.cfg.method!r}")
-        emb, mask = self.head(x[:, 0]), F.relu(self.condition.mask[conditions])  # each (B, out_dim)
-        return F.normalize((emb * mask).float(), dim=-1), emb, mask
+    def forward(self, images, conditions):
+        return self.embed(self.features(images), conditions)
 
-    def embed_all(self, images):
-        x = self.features(images)  # condition-free up to the head: computed once
-        K = self.cfg.num_conditions
-        if self.cfg.method == "triplet":  # one space: the same embedding under every condition
-            return self.embed_features(x, None)[:, None].expand(-1, K, -1).contiguous()
-        return torch.stack([self.embed_features(x, torch.full((x.shape[0],), k, device=x.device))
-                            for k in range(K)], dim=1)  # (B, K, out_dim)
+    def embed_and_penalty(self, images, conditions):
+        emb, penalty = self.condition.embed_and_penalty(self.features(images), conditions, self.head)
+        return F.normalize(emb.float(), dim=-1), penalty
+
+    def embed_all(self, images):  # (B, K, out_dim), the features computed once
+        return self.condition.embed_all(self.embed, self.features(images), self.cfg.num_conditions)
 
     @torch.no_grad()
     def attention_maps(self, images, conditions):
-        """TF-ASEN's spatial attention (B, 1, N); the other baselines have no conditional attention."""
-        if self.cfg.method != "asen":
-            raise ValueError(f"method {self.cfg.method!r} has no condition-dependent attention map to show")
-        x = self.features(images)
-        return self.condition.spatial(x[:, 1:], conditions)[:, None]
+        """The part's condition-dependent attention map (TF-ASEN's spatial attention, (B, 1, N)); others have none."""
+        return self.condition.attention_maps(self.features(images), conditions)
 
 
 def build_model(cfg: CCAConfig):
@@ -828,9 +830,7 @@ def load_model_state(model, state, path):
     if missing or unexpected or shapes:
         what = "; ".join(f"{len(keys)} {name}, e.g. {', '.join(keys[:2])}" for name, keys in
                          (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if keys)
-        hint = "; TF-ASEN was rewritten after ASEN's ASENet, so retrain an older asen run" if model.cfg.method == "asen" else ""
-        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config "
-                         f"(written by an older cca.py?): {what}{hint}")
+        raise ValueError(f"{path}: the weights do not fit the {model.cfg.method} model of its config: {what}")
     model.load_state_dict(state)
 
 

@@ -598,3 +598,91 @@ def test_pretrained_backbone_loads_into_every_method(tmp_path, method):
     report = load_pretrained(model, str(tmp_path / "w.pth"), verbose=False)
     assert_backbone_equal(model, sd)
     assert all(k.startswith(("condition.", "head.")) for k in report["new"])
+
+
+# -----------------------------------------------------------------------------
+# embed_and_penalty: every method's training embeddings and its own penalty
+
+
+def triplet_batch(B=3, size=64, seed=0):
+    """A triplet batch as train.py's train_step feeds it: images [anchors; positives; negatives], conditions c.repeat(3)."""
+    g = torch.Generator().manual_seed(seed)
+    a, p, n = (torch.randn(B, 3, size, size, generator=g) for _ in range(3))
+    c = torch.randint(0, 5, (B,), generator=g)
+    return torch.cat([a, p, n]), c.repeat(3), (a, p, n), c
+
+
+def csn_penalty_written_out(model, parts, c, embed_reg, mask_reg):
+    """CSN's regularisers (Veit et al., CVPR 2017) from their definition, every image embedded on its own: per part t of
+    the triplet, E_t (B, d) the unmasked embeddings FC(x_cls); embed_reg * mean_t ||E_t||_F / sqrt(B) plus mask_reg *
+    mean_t ||ReLU(M[c])||_1 / B."""
+    B = c.shape[0]
+    norms, l1s = [], []
+    for images in parts:  # anchors, positives, negatives
+        E = torch.stack([model.head(model.norm(model.blocks[-1](model.trunk(images[i:i + 1])))[0, 0]) for i in range(B)])
+        masks = torch.relu(model.condition.mask[c])  # (B, d): the mask of each image's condition
+        norms.append(E.double().pow(2).sum().sqrt() / math.sqrt(B))
+        l1s.append(masks.double().abs().sum() / B)
+    return embed_reg * sum(norms) / 3 + mask_reg * sum(l1s) / 3
+
+
+def test_csn_penalty_is_csns_regularisers_written_out():
+    from cca import CSN_PENALTY
+    model = baseline("csn")
+    x, c3, parts, c = triplet_batch()
+    part = model.condition
+    assert (part.embed_reg, part.mask_reg) == (CSN_PENALTY["embed_reg"], CSN_PENALTY["mask_reg"]) == (5e-3, 5e-4)  # CSN's defaults
+    # the penalty weights are plain attributes: the state dict holds the mask alone
+    assert sorted(k for k in model.state_dict() if k.startswith("condition.")) == ["condition.mask"]
+    with torch.no_grad():
+        f, penalty = model.embed_and_penalty(x, c3)
+        assert torch.equal(f, model(x, c3))  # the embeddings are forward's, bit for bit
+        assert penalty.shape == () and penalty.dtype == torch.float32 and penalty.device == f.device
+        for w in ((5e-3, 5e-4), (5e-3, 0.0), (0.0, 5e-4), (1.0, 2.0)):  # both terms, each alone, other weights
+            part.embed_reg, part.mask_reg = w
+            want = csn_penalty_written_out(model, parts, c, *w)
+            torch.testing.assert_close(model.embed_and_penalty(x, c3)[1].double(), want, rtol=1e-5, atol=0)
+        part.embed_reg = part.mask_reg = 0.0
+        assert torch.equal(model.embed_and_penalty(x, c3)[1], torch.zeros(()))  # 0 switches both off: exactly zero
+
+
+@pytest.mark.parametrize("method,condition_type", [("cca", 1), ("cca", 2), ("triplet", 2), ("asen", 2)])
+def test_embed_and_penalty_is_forward_and_zero_for_the_other_methods(method, condition_type):
+    torch.manual_seed(0)
+    model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=64, out_dim=32, method=method, condition_type=condition_type))
+    randomise_norms(model)
+    x, c3, _, _ = triplet_batch()
+    for mode in (model.eval, model.train):
+        mode()
+        with torch.no_grad():
+            f, penalty = model.embed_and_penalty(x, c3)
+            assert torch.equal(f, model(x, c3))
+        assert penalty.shape == () and penalty.dtype == torch.float32 and penalty.device == f.device
+        assert torch.equal(penalty, torch.zeros(()))
+
+
+def test_csn_penalty_gradient_reaches_the_mask_and_the_head():
+    model = baseline("csn")
+    x, c3, _, c = triplet_batch(B=4)
+    B, mask = c.shape[0], model.condition.mask
+    for embed_reg, mask_reg in ((5e-3, 0.0), (0.0, 5e-4), (5e-3, 5e-4)):
+        model.zero_grad(set_to_none=True)
+        model.condition.embed_reg, model.condition.mask_reg = embed_reg, mask_reg
+        model.embed_and_penalty(x, c3)[1].backward()
+        # the embedding term reaches the head (and through FC(x_cls) the backbone), the L1 term the mask
+        assert (model.head.weight.grad.abs().sum() > 0) == (embed_reg > 0)
+        assert (model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0) == (embed_reg > 0)
+        assert (mask.grad.abs().sum() > 0) == (mask_reg > 0)
+        # d/dM[k, j] of mask_reg * ||ReLU(M[c])||_1 / B: mask_reg * (the batch's triplets of condition k) / B where M > 0
+        want = mask_reg * c.bincount(minlength=5)[:, None].float() / B * (mask.detach() > 0)
+        torch.testing.assert_close(mask.grad, want, rtol=1e-6, atol=0)
+
+
+def test_forward_has_no_csn_parts_and_csn_has_no_attention_map():
+    model = baseline("csn")
+    x, c = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    with pytest.raises(TypeError):
+        model(x, c, csn_parts=True)
+    with pytest.raises(ValueError, match="method 'csn' has no condition-dependent attention"):
+        model.attention_maps(x, c)
+    assert not any(k.startswith("condition.") for k in baseline("triplet").state_dict())  # the Triplet network's part has no weights
