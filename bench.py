@@ -15,7 +15,7 @@ Prints, for the same weights and inputs:
      MFU and peak memory, eager and torch.compile'd (CUDA, bf16 autocast); at the first size also compiled with
      channels-last images and eager fp32 (TF32 matmuls, as in train.py); then train.py's fused Adam vs PyTorch's default;
   4. the loader, per worker process (one thread): training images per second from JPEG decoding (512 x 512 JPEGs,
-     FashionAI's size, to 224 px) against cutting whole batches out of prepared arrays (data.py prepare).
+     FashionAI's size, to 224 px) against cutting whole batches out of prepared arrays (dataset_tools.py prepare).
 """
 
 import argparse
@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cca import CCA, CCAConfig, autocast, build_model, default_device
-from data import (SYNTH_ATTRIBUTES, TripletBatches, TripletDataset, draw_garment, make_synthetic, prepare_images,
-                  read_filenames)
-from train import gpu_peak, train_step, training_flops
+from cca import CCA, CCAConfig, build_model
+from data import TripletBatches, normalise, read_filenames, training_set
+from dataset_tools import prepare_images
+from runtime import autocast, default_device, gpu_peak, training_flops
+from synthetic import SYNTH_ATTRIBUTES, draw_garment, make_synthetic
+from train import Objective, train_step
 
 
 def timeit(fn, device, warmup=3, iters=10):
@@ -84,7 +86,7 @@ def bench_model(args, device):
     print(f"   the plain hybrid (every block self-attention) at 224 px: training step {training_flops(plain) / 1e9:.1f} "
           f"GFLOPs (forward {forward_flops(plain) / 1e9:.1f})")
     print(f"   {arch} at {img} px: training step {flops / 1e9:.3g} GFLOPs (forward {forward_flops(cfg) / 1e9:.3g})")
-    print(f"   MFU against {peak[0]}" if peak else f"   no MFU: {torch.cuda.get_device_name(device)} is not in train.GPU_PEAKS"
+    print(f"   MFU against {peak[0]}" if peak else f"   no MFU: {torch.cuda.get_device_name(device)} is not in runtime.GPU_PEAKS"
           if gpu else "   no MFU on the CPU (no peak to compare with)")
 
     x = torch.randn(B, 3, img, img, device=device)
@@ -116,29 +118,29 @@ def bench_model(args, device):
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)  # as train.py
     for T in triplets:
         c = torch.randint(0, K, (T,), device=device)
-        a, p, n = torch.randn(3, T, 3, img, img, device=device)
-        cl = [t.contiguous(memory_format=torch.channels_last) for t in (a, p, n)]
+        a, p, n = torch.randint(0, 256, (3, T, 3, img, img), dtype=torch.uint8, device=device)  # as the loader gives them
         print(f"\n3. training step, {T} triplets ({3 * T} images), fused Adam" + (", bf16 autocast unless fp32" if gpu else ", fp32"))
+        eager = Objective(model, 0.2)
         if gpu:
-            compiled = torch.compile(model, dynamic=False)  # static shapes: one graph per batch size
-            modes = [("eager", model, (a, p, n), True), ("compiled", compiled, (a, p, n), True)]
+            compiled = torch.compile(eager, dynamic=False)  # static shapes: one graph per batch size
+            modes = [("eager", eager, True), ("compiled", compiled, True)]
             # channels-last and fp32 at the first size only: each compiled variant costs a minute or more of compiling
-            modes += [("compiled, channels-last", compiled, cl, True), ("eager fp32 (tf32 mm)", model, (a, p, n), False)] \
-                if T == triplets[0] else []
+            modes += [("compiled, channels-last", torch.compile(Objective(model, 0.2, channels_last=True), dynamic=False), True),
+                      ("eager fp32 (tf32 mm)", eager, False)] if T == triplets[0] else []
         else:
-            modes = [("eager", model, (a, p, n), False)]
+            modes = [("eager", eager, False)]
         times = {}
-        for label, m, (xa, xp, xn), ac in modes:
+        for label, m, ac in modes:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            t = times[label] = timeit(lambda: train_step(m, opt, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)
+            t = times[label] = timeit(lambda: train_step(m, opt, a, p, n, c, ac), device, iters=args.iters)
             ips = 3 * T / t
             mfu = f"  MFU {flops * ips / peak[1]:6.1%}" if peak and ac else ""
             mem = f"  peak {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB" if gpu else ""
             print(f"   {label:26s} {t * 1e3:8.1f} ms  {ips:8.0f} img/s{mfu}{mem}")
         if gpu and args.profile and T == triplets[0]:
             try:
-                profile_step(lambda: train_step(compiled, opt, a, p, n, c, 0.2, True), T)
+                profile_step(lambda: train_step(compiled, opt, a, p, n, c, True), T)
             except Exception as e:  # the profiler is optional to the figures above and below
                 print(f"   profile failed: {type(e).__name__}: {e}")
         if gpu:
@@ -148,9 +150,9 @@ def bench_model(args, device):
         else:
             print("   compiled: not measured on the CPU (the demo's step gained nothing there after about a minute of "
                   "compiling: docs/LOG.md)")
-    label, m, (xa, xp, xn), ac = modes[0]
+    label, m, ac = modes[0]
     plain = torch.optim.Adam(model.parameters(), lr=1e-4)  # PyTorch's default implementation (foreach)
-    t_plain = timeit(lambda: train_step(m, plain, xa, xp, xn, c, 0.2, ac), device, iters=args.iters)
+    t_plain = timeit(lambda: train_step(m, plain, a, p, n, c, ac), device, iters=args.iters)
     print(f"   {label}, {T} triplets, default Adam: {t_plain * 1e3:6.1f} ms; "
           f"fused Adam (train.py) is {t_plain / times[label]:.2f}x as fast")
 
@@ -200,23 +202,24 @@ def bench_loader(args):
         t0 = time.perf_counter()
         prepare_images("synthetic", root, S, workers=args.prepare_workers, splits=("train",))
         t_prepare = time.perf_counter() - t0
-        jpeg = TripletDataset("synthetic", root, S, 8 * T, prepared=False)
-        prepared = TripletDataset("synthetic", root, S, 8 * T)
-        batches = TripletBatches(prepared, T)
-        rows = lambda i: np.arange(i % 8 * T, (i % 8 + 1) * T)  # noqa: E731
+        loaders = {}
+        for label, prepared in (("JPEG decoding", False), ("prepared arrays", True)):
+            sampler, store = training_set("synthetic", root, S, 8 * T, prepared=prepared)
+            loaders[label] = TripletBatches(sampler.epoch(0), store, T)
         torch.set_num_threads(1)  # as in a DataLoader worker
+        rates = {}
         try:
-            # today's JPEG path: a worker decodes, resizes, crops and normalises each image of each triplet
-            r_jpeg = rate(lambda i: jpeg[i % len(jpeg)], 3, args.loader_seconds)
-            # the prepared path: a worker cuts a whole batch of uint8 images out of the mapping and flips them
-            r_raw = rate(lambda i: batches[i % len(batches)], 3 * T, args.loader_seconds)
-            r_float = rate(lambda i: prepared.batch(rows(i)), 3 * T, args.loader_seconds)
+            for label, batches in loaders.items():
+                # a worker's batch as train.py reads it (uint8), and normalised to float32 in the worker instead
+                rates[label, "uint8"] = rate(lambda i: batches[i % len(batches)], 3 * T, args.loader_seconds)
+                rates[label, "float32"] = rate(lambda i: [normalise(x) for x in batches[i % len(batches)][:3]], 3 * T,
+                                               args.loader_seconds)
         finally:
             torch.set_num_threads(threads)
     print(f"   JPEGs of {kb:.0f} KB on average; prepare: {n / t_prepare:.0f} img/s with {args.prepare_workers} processes")
-    print(f"   JPEG decoding (__getitem__, float32):           {r_jpeg:9.0f} img/s")
-    print(f"   prepared arrays, uint8 batches (train.py's path): {r_raw:9.0f} img/s  {r_raw / r_jpeg:6.1f}x")
-    print(f"   prepared arrays, normalised to float32 here:      {r_float:9.0f} img/s  {r_float / r_jpeg:6.1f}x")
+    base = rates["JPEG decoding", "uint8"]
+    for (label, dtype), r in rates.items():
+        print(f"   {label + ', ' + dtype + (' (train.py)' if dtype == 'uint8' else ''):38s} {r:9.0f} img/s  {r / base:6.1f}x")
     print("   (the array was just written, so it is in the page cache, as it is after the first epoch)")
 
 
@@ -234,7 +237,7 @@ def main():
     parser.add_argument("--loader-size", type=int, default=224, help="image size of section 4")
     parser.add_argument("--loader-images", type=int, default=64, help="JPEGs drawn for section 4")
     parser.add_argument("--loader-seconds", type=float, default=3.0, help="seconds per loader measurement")
-    parser.add_argument("--prepare-workers", type=int, default=2, help="processes of data.py prepare in section 4")
+    parser.add_argument("--prepare-workers", type=int, default=2, help="processes of dataset_tools.py prepare in section 4")
     args = parser.parse_args()
     device = default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"

@@ -27,7 +27,6 @@ import math
 import os
 import struct
 import zipfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -765,7 +764,7 @@ def convert(src, dst, img_size=224, arch="vit_r50_b16"):
 # A backbone file ('cca.py convert', 'compare.py pretrain'; what --pretrained reads) is {"format": "cca-backbone",
 # "arch", "img_size", "source", "state_dict"}, state_dict holding the model's backbone_keys() only (read_weights
 # reads it, and the "model" of a training checkpoint too).
-# Both are written to PATH.tmp and then renamed to PATH (save_atomic), so that a run stopped while writing
+# Both are written to a temporary name beside PATH and then renamed to PATH (save_atomic), so that a run stopped while writing
 # leaves the previous file whole.
 
 CHECKPOINT_KEYS = ("model", "config", "meta", "args", "epoch")  # what evaluating needs
@@ -773,8 +772,9 @@ RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resum
 
 
 def save_atomic(obj, path):
-    """torch.save to path + ".tmp", then rename: the file at `path` is always a whole one."""
-    tmp = path + ".tmp"
+    """torch.save to a temporary name beside `path` (one of this process's own), then rename: the file at `path` is
+    always a whole one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -843,29 +843,7 @@ def load_checkpoint(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# device, precision and mode: one definition each for every command
-
-
-def default_device(name=None):
-    """torch.device(name), or by default the GPU when there is one, else the CPU."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def autocast(device, enabled=None):
-    """bf16 autocast on `device`: on for CUDA and off elsewhere (the CPU runs fp32), unless `enabled` says otherwise."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if enabled is None else enabled)
-
-
-@contextmanager
-def evaluating(model):
-    """model in eval mode inside the block; its own mode (train or eval) restored after, on an error too."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+# sizes
 
 
 def count_parameters(module):

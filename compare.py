@@ -17,7 +17,7 @@ deviation) and OUT_DIR/embeddings.png (CCA Type-2 beside the Triplet network for
 Figure 5).
 
 From a pretrained trunk, in miniature. The paper fine-tunes every method from ImageNet-21k weights; here a trunk is
-pretrained on another image family with its own classes (data.py's shapes set: 8 figures x 3 fills, 24 classes,
+pretrained on another image family with its own classes (synthetic.py's shapes set: 8 figures x 3 fills, 24 classes,
 drawn at random colours, sizes and places; no garment, no attribute of the synthetic set), by cross-entropy of a
 linear classifier on [CLS], and saved in the layout `--pretrained` loads:
 
@@ -44,9 +44,11 @@ import torch.nn.functional as F
 import evaluate
 import train
 import visualize
-from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, default_device, load_checkpoint, save_backbone
-from data import DATASETS, EVAL_MISSING, SHAPE_CLASSES, chance_map, error_message, make_shapes, normalise, prepare_dataset
-from evaluate import embed_split, mean_average_precision, split_map
+from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
+from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset
+from evaluate import chance_map, embed_split, mean_average_precision, split_map
+from runtime import default_device, device_arg, error_message, fmt_time
+from synthetic import SHAPE_CLASSES, make_shapes
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
 METHODS = {
@@ -124,7 +126,7 @@ def main(argv=None):
                                                       "with --trunk-warmup 0")
     p.add_argument("--out-dir", default=None, help="where the runs and the table go (default: runs/compare, or runs/compare-pretrained "
                                                    "with --pretrained)")
-    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
                         "table then marked not comparable with published numbers")
@@ -238,8 +240,8 @@ def train_in_parallel(todo, jobs):
                 seconds[key] = time.time() - t0
                 done = len(seconds)
                 eta = (time.time() - t_all) / done * (len(todo) - done)  # at the rate of runs finished so far
-                print(f"{METHODS[key[1]][0]}, seed {key[0]}: trained in {train.fmt_time(seconds[key])} ({done}/{len(todo)}; "
-                      f"eta {train.fmt_time(eta)})", flush=True)
+                print(f"{METHODS[key[1]][0]}, seed {key[0]}: trained in {fmt_time(seconds[key])} ({done}/{len(todo)}; "
+                      f"eta {fmt_time(eta)})", flush=True)
     finally:
         for proc, log, _, _ in running.values():
             proc.kill()
@@ -268,7 +270,7 @@ def pretrain(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the images and of the weights")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes drawing the images (default: the cores, at most 8; the images do not depend on it)")
-    p.add_argument("--device", default=None, type=evaluate.device_arg, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     args = p.parse_args(argv)
     for k in ("num_train", "num_test", "epochs", "batch_size", "log_every"):
@@ -326,7 +328,7 @@ def pretrain(argv=None):
                 eta = (time.time() - t_start) / step * (total - step)
                 print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
                       f"accuracy {correct / seen:.3f} lr {scheduler.get_last_lr()[0]:.2e} {seen / (time.time() - t_log):.0f} img/s "
-                      f"eta {train.fmt_time(eta)}", flush=True)
+                      f"eta {fmt_time(eta)}", flush=True)
                 loss_sum, correct, seen, t_log = 0.0, 0, 0, time.time()
 
     model.eval()
@@ -334,7 +336,7 @@ def pretrain(argv=None):
         pred = torch.cat([logits(x_test[i:i + 256]).argmax(1).cpu() for i in range(0, args.num_test, 256)])
     accuracy = (pred == y_test).float().mean().item()
     seconds = time.time() - t_start
-    print(f"held-out accuracy {100 * accuracy:.2f} (chance {100 / len(SHAPE_CLASSES):.2f}) after {train.fmt_time(seconds)} of training")
+    print(f"held-out accuracy {100 * accuracy:.2f} (chance {100 / len(SHAPE_CLASSES):.2f}) after {fmt_time(seconds)} of training")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_backbone(model.cpu(), args.out, f"compare.py pretrain: shapes set, {len(SHAPE_CLASSES)} classes, {args.num_train} images, "
                                          f"{args.epochs} epochs, seed {args.seed}; held-out accuracy {accuracy:.4f}")

@@ -16,6 +16,7 @@ Zappos50K: triplet prediction accuracy, overall and per condition. `mean_average
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -23,9 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from cca import autocast, default_device, evaluating, load_checkpoint
-from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, chance_map, check_eval_images, describe_images, error_message, identify,
-                  looks_like, prepare_dataset)
+import numpy as np
+
+from cca import load_checkpoint
+from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, check_eval_images, describe_images, identify, looks_like, normalise,
+                  prepare_dataset, read_items)
+from runtime import autocast, default_device, device_arg, error_message, evaluating
 
 # -----------------------------------------------------------------------------
 # Metrics (ASEN's attribute-specific mAP; CSN's triplet accuracy on Zappos50K).
@@ -166,6 +170,33 @@ def triplet_accuracy(anchor, far, close, conditions, num_conditions=None) -> dic
         "num_triplets": T,
     }
 
+def chance_ap(queries, candidates):
+    """Expected AP of a random ranking per query (rows (fid, attr, value)). With N candidates of the query's
+    attribute and R relevant, E[AP] = ((R-1)/(N-1) * (N - H_N) + H_N) / N, H_N the N-th harmonic number;
+    about R/N. A query with R = 0 has AP 0, as in ASEN's evaluation."""
+    ap = np.zeros(len(queries))
+    for i, (_, a, v) in enumerate(queries):
+        same_attr = candidates[:, 1] == a
+        N, R = int(same_attr.sum()), int((same_attr & (candidates[:, 2] == v)).sum())
+        if R > 0:
+            H = float(np.sum(1.0 / np.arange(1, N + 1)))
+            ap[i] = ((R - 1) / max(N - 1, 1) * (N - H) + H) / N
+    return ap
+
+
+def chance_map(name, root, split, missing="error"):
+    """The split's chance level: query-weighted mAP of a random ranking on an ASEN split (about 0.155
+    for FashionAI); for zappos, scored by triplet accuracy, a coin flip: 0.5. missing="drop": the level
+    of the items whose images are there, those --eval-missing drop scores."""
+    if name == "zappos":
+        return 0.5
+    rows = []
+    for role in ("query", "candidate"):
+        paths, r = read_items(name, root, split, role)
+        rows.append(r[np.array([os.path.isfile(p) for p in paths], dtype=bool)] if missing == "drop" else r)
+    return float(chance_ap(*rows).mean())
+
+
 # ----------------------------------------------------------------------------- end of metrics
 
 
@@ -206,8 +237,9 @@ def gather_by_index(feats, idx, n):
 
 @torch.no_grad()
 def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world_size=1):
-    """Embed every (image, condition, ..., index) item of `dataset` under its own condition; each rank
-    embeds its shard and the features are gathered: (len(dataset), out_dim) on every rank."""
+    """Embed every (uint8 image, condition, ..., index) item of `dataset` under its own condition, the images
+    normalised on the device; each rank embeds its shard and the features are gathered: (len(dataset), out_dim)
+    on every rank."""
     idx = shard(len(dataset), rank, world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, idx), batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
@@ -216,7 +248,7 @@ def embed_items(model, dataset, device, batch_size=128, workers=2, rank=0, world
         for batch in loader:
             images, conditions, i = batch[0], batch[1], batch[-1]
             with autocast(device):
-                f = model(images.to(device, non_blocking=True), conditions.to(device, non_blocking=True))
+                f = model(normalise(images.to(device, non_blocking=True)), conditions.to(device, non_blocking=True))
             feats.append(f.float())
             index.append(i.to(device))
     out_dim = model.cfg.out_dim
@@ -315,20 +347,6 @@ def format_results(result, meta, chance=None):
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def device_arg(text):
-    """argparse type of --device: a device this machine has, or a flag error now rather than a traceback later."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
-                                         "use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return text
 
 
 def open_split(args):

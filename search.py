@@ -25,7 +25,7 @@ From Python, the same two steps:
     index = search.build_index(model, ["a.jpg", "b.jpg", ...], "gallery.idx", ckpt["meta"])
     hits = search.query(index, search.embed_image(model, "shirt.jpg"), ["sleeve_length", "colour"], [1.0, 0.5], topk=5)
 
-The index file holds no pickle (an index may come from someone else) and is written to OUT.tmp, then renamed:
+The index file holds no pickle (an index may come from someone else) and is written to a temporary file beside OUT, then renamed:
   bytes 0-63        b"CCAINDEX", then zeros
   bytes 64-         the embeddings, float16 little-endian, shape (K, N, D): attribute k's N vectors are
                     contiguous, so a query under one attribute reads 1/K of the file (np.memmap)
@@ -49,10 +49,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cca import autocast, default_device, evaluating, load_checkpoint
-from data import IMAGE_EXTENSIONS, load_image, load_meta, read_filenames, read_labels
-from evaluate import device_arg, gather_by_index, shard
-from train import cleanup, exit_rank, setup
+from cca import load_checkpoint
+from data import IMAGE_EXTENSIONS, load_image, load_meta, normalise, read_filenames, read_image, read_labels
+from evaluate import gather_by_index, shard
+from runtime import autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, model_device, setup
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -135,10 +135,32 @@ def read_index(path):
     return Index(path, header, embeddings)
 
 
-def _finish_file(tmp, out, header, n_rows, keep, K, D):
+def _new_file(path, K, N, D):
+    """Start an index file at `path`: the leading mark, then room for (K, N, D) float16 vectors (a sparse file until
+    written); returns them memory-mapped for writing."""
+    with open(path, "wb") as f:
+        f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
+        f.truncate(DATA_OFFSET + 2 * K * N * D)
+    return np.memmap(path, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K, N, D))
+
+
+def _header(D, paths, attributes, values, labels=None, failed=(), checkpoint=None, img_size=0):
+    """The index's JSON header (the layout in this file's docstring)."""
+    return dict(version=VERSION, shape=[len(attributes), len(paths), D], dtype="float16", paths=list(paths),
+                attributes=list(attributes), values=[list(v) for v in values],
+                labels=None if labels is None else np.asarray(labels).tolist(), failed=[list(x) for x in failed],
+                checkpoint=checkpoint or dict(sha256=None, config={}), img_size=img_size)
+
+
+def _tmp_name(out):
+    """A temporary name beside `out` that no other process writing `out` at the same time shares."""
+    return f"{out}.{os.getpid()}.tmp"
+
+
+def _finish_file(tmp, out, header, n_rows, keep):
     """Compact the (K, n_rows, D) embeddings of `tmp` to the rows `keep` (in place: every row moves towards the
     start), append the header and the trailer, and rename tmp to out."""
-    N = len(keep)
+    K, N, D = header["shape"]
     if N < n_rows:
         flat = np.memmap(tmp, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K * n_rows, D))
         w = 0
@@ -168,14 +190,12 @@ def write_index(out, embeddings, paths, attributes, values, labels=None, checkpo
     if len(paths) != N or len(attributes) != K or len(values) != K:
         raise ValueError(f"embeddings {e.shape} need N = {N} paths and K = {K} attributes and value lists, got "
                          f"{len(paths)}, {len(attributes)}, {len(values)}")
-    tmp = out + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
-        f.write(e.tobytes())
-    header = dict(version=VERSION, shape=[K, N, D], dtype="float16", paths=list(paths), attributes=list(attributes),
-                  values=[list(v) for v in values], labels=None if labels is None else np.asarray(labels).tolist(),
-                  failed=[list(x) for x in failed], checkpoint=checkpoint or dict(sha256=None, config={}), img_size=img_size)
-    _finish_file(tmp, out, header, N, np.arange(N), K, D)
+    tmp = _tmp_name(out)
+    emb = _new_file(tmp, K, N, D)
+    emb[:] = e
+    emb.flush()
+    del emb
+    _finish_file(tmp, out, _header(D, paths, attributes, values, labels, failed, checkpoint, img_size), N, np.arange(N))
     return read_index(out)
 
 # -----------------------------------------------------------------------------
@@ -183,7 +203,8 @@ def write_index(out, embeddings, paths, attributes, values, labels=None, checkpo
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image, index, error): an image that cannot be read comes back as zeros with the reason, never raises."""
+    """(uint8 image, index, error): an image that cannot be read comes back as zeros with the reason, never raises.
+    uint8 is a quarter of float32's bytes to hand from a loader worker; build_index normalises on the device."""
 
     def __init__(self, paths, img_size):
         self.paths, self.img_size = paths, img_size
@@ -193,18 +214,9 @@ class ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return load_image(self.paths[i], self.img_size), i, ""
+            return read_image(self.paths[i], self.img_size), i, ""
         except Exception as e:  # missing, truncated, not an image: data.read_image names the file
-            return torch.zeros(3, self.img_size, self.img_size), i, str(e)
-
-
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _device(model):
-    return next(model.parameters()).device
+            return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), i, str(e)
 
 
 @torch.no_grad()
@@ -223,19 +235,16 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
         raise ValueError(f"the model has {K} conditions, meta lists {len(meta['attributes'])} attributes")
     if labels is not None and np.shape(labels) != (n, K):
         raise ValueError(f"labels must be ({n}, {K}), one value index per image and attribute; got {np.shape(labels)}")
-    device = _device(model)
+    device = model_device(model)
     identity = dict(sha256=weights_sha256(model), config=asdict(model.cfg))
     mine = shard(n, rank, world_size)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageList(paths, S), mine), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     window = batch_size * world_size  # step j's batches hold the images j * window .. (j + 1) * window - 1
     steps = math.ceil(math.ceil(n / world_size) / batch_size)  # the same on every rank: the gathers pair up
-    tmp = out + ".tmp"
+    tmp = _tmp_name(out)
     if rank == 0:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
-            f.truncate(DATA_OFFSET + 2 * K * n * D)
-        emb = np.memmap(tmp, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K, n, D))
+        emb = _new_file(tmp, K, n, D)
     errors, batches = [], iter(loader)
     t0 = t_log = time.time()
     with evaluating(model):
@@ -244,7 +253,7 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
             if batch is not None:
                 images, idx, why = batch
                 with autocast(device):
-                    e = model.embed_all(images.to(device, non_blocking=True))  # (b, K, D), unit norm
+                    e = model.embed_all(normalise(images.to(device, non_blocking=True)))  # (b, K, D), unit norm
                 e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
                 errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
             else:
@@ -273,11 +282,9 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
         if len(keep) == 0:
             os.remove(tmp)
         else:
-            header = dict(version=VERSION, shape=[K, len(keep), D], dtype="float16", paths=[paths[i] for i in keep],
-                          attributes=list(meta["attributes"]), values=[list(v) for v in meta["values"]],
-                          labels=None if labels is None else np.asarray(labels)[keep].tolist(), failed=failed,
-                          checkpoint=identity, img_size=S)
-            _finish_file(tmp, out, header, n, keep, K, D)
+            header = _header(D, [paths[i] for i in keep], meta["attributes"], meta["values"],
+                             None if labels is None else np.asarray(labels)[keep], failed, identity, S)
+            _finish_file(tmp, out, header, n, keep)
         if failed:
             log(f"left out {len(failed)} of {n} images that could not be read:" + "".join(f"\n  {w}" for _, w in failed[:20])
                 + (f"\n  ... ({len(failed) - 20} more, all in the index's 'failed' list)" if len(failed) > 20 else ""))
@@ -330,7 +337,7 @@ def split_gallery(root, split, meta):
 @torch.no_grad()
 def embed_image(model, path):
     """(K, D) float32: one image under every condition, embedded as build_index embeds the gallery."""
-    device = _device(model)
+    device = model_device(model)
     x = load_image(path, model.cfg.img_size)[None].to(device)
     with evaluating(model), autocast(device):
         return model.embed_all(x)[0].float().half().float()  # rounded to float16 like the gallery
@@ -425,20 +432,16 @@ def bench(num_images, num_attributes, out_dims, folder, queries=5, device=None):
     for D in out_dims:
         path = os.path.join(folder, f"bench_{N}_{K}_{D}.idx")
         t0 = time.time()
-        with open(path, "wb") as f:
-            f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
-            f.truncate(DATA_OFFSET + 2 * K * N * D)
-        emb = np.memmap(path, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K, N, D))
+        emb = _new_file(path, K, N, D)
         for a in range(2):
             for s in range(0, N, 1 << 16):
                 x = rng.standard_normal((min(1 << 16, N - s), D), dtype=np.float32)
                 emb[a, s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
         emb.flush()
         del emb
-        header = dict(version=VERSION, shape=[K, N, D], dtype="float16", paths=[f"images/{i:07d}.jpg" for i in range(N)],
-                      attributes=[f"attribute_{k}" for k in range(K)], values=[[] for _ in range(K)], labels=None,
-                      failed=[], checkpoint=dict(sha256="random", config={}), img_size=0)
-        _finish_file(path, path, header, N, np.arange(N), K, D)
+        header = _header(D, [f"images/{i:07d}.jpg" for i in range(N)], [f"attribute_{k}" for k in range(K)],
+                         [[] for _ in range(K)], checkpoint=dict(sha256="random", config={}))
+        _finish_file(path, path, header, N, np.arange(N))
         print(f"\nout_dim {D}: {2 * K * N * D / 2**20:,.0f} MiB of vectors ({2 * N * D / 2**20:,.0f} MiB per attribute), "
               f"written in {time.time() - t0:.0f} s")
         t0 = time.perf_counter()
@@ -533,7 +536,7 @@ def main(argv=None):
     q = sub.add_parser("index", help="embed a gallery under every attribute into an index file")
     q.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
     q.add_argument("--images", default=None, help="a folder (searched recursively) or a list file (one path a line, relative to the list's folder)")
-    q.add_argument("--data-root", default=None, help="or: a labelled ASEN-format folder (data.py import writes one) ...")
+    q.add_argument("--data-root", default=None, help="or: a labelled ASEN-format folder (dataset_tools.py import writes one) ...")
     q.add_argument("--split", default="test", choices=("train", "valid", "test"), help="... and its split, whose value names query shows")
     q.add_argument("--out", required=True, help="the index file to write")
     q.add_argument("--batch-size", type=int, default=64, help="images per batch per rank")
@@ -573,4 +576,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_rank(main)  # under torchrun: os._exit after main, never the interpreter's finalization (train.exit_rank)
+    exit_rank(main)  # under torchrun: os._exit after main, never the interpreter's finalization (runtime.exit_rank)

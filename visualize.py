@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from cca import autocast, evaluating, load_checkpoint, method_title
-from data import EVAL_MISSING, MEAN, STD, error_message, load_image
-from evaluate import device_arg, embed_items, embed_split, open_split
+from cca import load_checkpoint, method_title
+from data import EVAL_MISSING, MEAN, STD, load_image
+from evaluate import embed_items, embed_split, open_split
+from runtime import autocast, device_arg, error_message, evaluating, model_device
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -120,9 +121,6 @@ def to_picture(image, side):
     rgb = (image.detach().cpu().float() * STD[0] + MEAN[0]).clamp(0, 1)  # undo data.load_image's normalisation
     return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize((side, side), Image.BICUBIC)
 
-
-def model_device(model):
-    return next(model.parameters()).device
 
 # -----------------------------------------------------------------------------
 # attention maps (Figure 4)

@@ -16,6 +16,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
+import synthetic  # noqa: E402
 
 FASHIONAI_HEADS = os.path.join(REPO, "tests", "fixtures", "fashionai")  # real FashionAI split-file heads (test_data.py)
 
@@ -25,7 +26,7 @@ def synth(tmp_path_factory):
     """The small synthetic set: 60 training images, 10 queries and 40 candidates per split, 32 px, seed 0;
     written in well under a second. Its folder; never written to by a test."""
     root = str(tmp_path_factory.mktemp("synth") / "synthetic")
-    data.make_synthetic(root, num_train=60, num_query=10, num_candidate=40, seed=0, size=32, workers=1)
+    synthetic.make_synthetic(root, num_train=60, num_query=10, num_candidate=40, seed=0, size=32, workers=1)
     return root
 
 
@@ -34,7 +35,7 @@ def synth120(tmp_path_factory):
     """test_train.py's synthetic set: 120 training images, 20 queries and 40 candidates per split, 32 px, seed 0.
     Its tests count steps, queries and missing images of it. Its folder; never written to by a test."""
     root = str(tmp_path_factory.mktemp("synth120") / "synthetic")
-    data.make_synthetic(root, num_train=120, num_query=20, num_candidate=40, seed=0, size=32, workers=1)
+    synthetic.make_synthetic(root, num_train=120, num_query=20, num_candidate=40, seed=0, size=32, workers=1)
     return root
 
 

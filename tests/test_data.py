@@ -1,4 +1,5 @@
-"""Tests of data.py: readers on real-format files (CRLF included), triplet invariants, the synthetic set, check.
+"""Tests of data.py, synthetic.py and dataset_tools.py: readers on real-format files (CRLF included), the training
+split and its images, the evaluation sets, the synthetic set, check.
 
 tests/fixtures/fashionai/ holds the first 40 lines of real FashionAI split files of ASEN's protocol, byte for
 byte (CRLF ends), ASEN's combined meta.json and the FashionAI value names, copied from shared/reference/.
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 import data
+import evaluate
+import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +117,7 @@ def test_bad_lines_name_file_and_line(tmp_path, line, multi, what):
     path.write_bytes(b"0 1 4\r\n\r\n" + line.encode() + b"\r\n")  # the bad line is line 3, after a blank one
     with pytest.raises(ValueError, match=re.escape(f"query_test.txt:3: {what}")):
         data.read_labels(str(path), 50, FASHIONAI, multi=multi)
-    errors = []  # data.py check collects every bad line instead of stopping at the first
+    errors = []  # dataset_tools.py check collects every bad line instead of stopping at the first
     rows = data.read_labels(str(path), 50, FASHIONAI, multi=multi, errors=errors)
     assert rows.tolist() == [[0, 1, 4]] and len(errors) == 1
 
@@ -145,7 +148,7 @@ def test_prepare_dataset_missing_files_say_where_they_come_from(tmp_path):
         data.prepare_dataset("imagenet")
 
 
-def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_synthetic_set(tmp_path, zappos, asen_folder):
+def test_a_real_dataset_under_data_synthetic_is_named_as_what_it_is(tmp_path, zappos, asen_folder):
     before = sorted(os.listdir(tmp_path))
     # ASEN's combined meta.json fits FashionAI, DARN and DeepFashion; the folder's name picks one when it can
     for folder, named in (("fashionai", "FashionAI"), ("data", "FashionAI or DARN or DeepFashion")):
@@ -179,11 +182,11 @@ def test_a_real_dataset_under_data_synthetic_is_named_not_called_an_old_syntheti
     assert data.prepare_dataset("fashionai", str(tmp_path / "fashionai"))[1]["name"] == "fashionai"
 
 # -----------------------------------------------------------------------------
-# conditioned triplets
+# the training split: sampler.py's triplets (tests/test_sampler.py) from the split files, images from a store
 
 
 def touch_images(root, names):
-    """Empty files where images would be: TripletDataset and EvalItems check that every image exists."""
+    """Empty files where images would be: training_set and EvalItems check that every image exists."""
     for n in names:
         os.makedirs(os.path.dirname(os.path.join(root, n)), exist_ok=True)
         open(os.path.join(root, n), "wb").close()
@@ -205,115 +208,21 @@ def make_asen(root, labels, nvals):
     return root
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """400 images, 5 attributes. a0 (6 values) has values with 1 and 0 images, and some images carry two of its
-    values (DeepFashion does that); a1, a2 are plain; a3 has one value only (no negative possible); a4 has no
-    value with 2 images (no positive possible). Only a0, a1, a2 can be drawn."""
-    rng = np.random.default_rng(0)
-    labels = {}
-    for i in range(400):
-        pairs = [(0, int(rng.choice([0, 1, 2, 3])))]
-        if i % 7 == 0:
-            pairs.append((0, int(rng.choice([0, 1, 2, 3]))))
-        pairs += [(1, int(rng.integers(3))), (2, int(rng.integers(5))), (3, 0)]
-        if i < 4:
-            pairs.append((4, i))
-        labels[i] = pairs
-    labels[400] = [(0, 4), (1, 0)]  # a0 value 4: one image, never a first value; value 5: none
-    root = make_asen(str(tmp_path_factory.mktemp("toy")), labels, [6, 3, 5, 2, 4])
-    return root, {i: {a: {v for b, v in p if b == a} for a in range(5)} for i, p in labels.items()}
-
-
-def test_triplet_invariants(toy):
-    root, labels = toy
-    ds = data.TripletDataset("asen-toy", root, 32, 30000, seed=1)
-    t = ds.triplets
-    assert t.shape == (30000, 4) and t.dtype == np.int64 and len(ds) == 30000
-    counts = np.bincount(t[:, 3], minlength=5)
-    assert counts[3] == counts[4] == 0  # attributes that cannot give a triplet are skipped
-    for a, p, n, c in t:
-        assert a != p
-        shared = labels[a][c] & labels[p][c]
-        assert shared and labels[n][c] and any(v not in labels[n][c] for v in shared)
-        assert not (c == 0 and 4 in shared)  # a value with one image never gives a positive
-    # the condition is uniform over the 3 drawable attributes: chi-square, 2 dof, p = 0.001 -> 13.8
-    expected = len(t) / 3
-    assert ((counts[:3] - expected) ** 2 / expected).sum() < 13.8
-    # the first value is uniform among a1's values (each has >= 2 images)
-    v1 = np.array([min(labels[a][1] & labels[p][1]) for a, p, n, c in t[t[:, 3] == 1]])
-    expected = len(v1) / 3
-    assert ((np.bincount(v1, minlength=3) - expected) ** 2 / expected).sum() < 13.8
-
-
-def test_multilabel_negative_never_has_the_first_value(toy):
-    root, labels = toy
-    t = data.TripletDataset("asen-toy", root, 32, 30000, seed=2).triplets
-    t = t[t[:, 3] == 0]
-    for a, p, n, c in t:
-        if len(labels[a][0]) == len(labels[p][0]) == 1:
-            assert not labels[a][0] & labels[n][0]
-
-
-def test_triplets_deterministic_per_seed_and_epoch(toy):
-    root, _ = toy
-    ds = data.TripletDataset("asen-toy", root, 32, 5000, seed=3)
-    first = ds.triplets.copy()
-    ds.set_epoch(1)
-    assert not np.array_equal(ds.triplets, first)  # a fresh set each epoch
-    ds.set_epoch(0)
-    assert np.array_equal(ds.triplets, first)  # the constructor drew epoch 0
-    again = data.TripletDataset("asen-toy", root, 32, 5000, seed=3)
-    again.set_epoch(1)
-    ds.set_epoch(1)
-    assert np.array_equal(again.triplets, ds.triplets)
-    assert not np.array_equal(data.TripletDataset("asen-toy", root, 32, 5000, seed=4).triplets, first)
-
-
-@pytest.mark.parametrize("n", [6000, 6001])
-def test_ranks_draw_disjoint_shares_of_the_whole_set(toy, n):
-    root, _ = toy
-    whole = data.TripletDataset("asen-toy", root, 32, n, seed=5)
-    ranks = [data.TripletDataset("asen-toy", root, 32, n, seed=5, rank=r, world_size=2) for r in range(2)]
-    for ds in [whole] + ranks:
-        ds.set_epoch(7)
-    assert len(ranks[0]) == len(ranks[1]) == -(-n // 2)  # equal shares: DDP needs the same number of steps
-    merged = np.empty((2 * len(ranks[0]), 4), dtype=np.int64)
-    merged[0::2], merged[1::2] = ranks[0].triplets, ranks[1].triplets  # position k of the whole set -> rank k % 2
-    assert np.array_equal(merged[:n], whole.triplets)
-    assert np.array_equal(merged[n:], whole.triplets[: len(merged) - n])  # padding wraps around
-
-
-def test_a_full_epoch_of_triplets_is_drawn(toy):  # its speed is bench.py's business, not a test's
-    root, _ = toy
-    ds = data.TripletDataset("asen-toy", root, 32, 100_000)
-    ds.set_epoch(1)
-    assert len(ds) == 100_000 and ds.triplets.shape == (100_000, 4)
-
-
-def test_negatives_that_keep_the_first_value_are_redrawn_until_the_epoch_is_full(tmp_path):
-    # DeepFashion-like labels: 95% of the images carry value 0 beside their own value 1, 2 or 3, so most negatives
-    # drawn share the first value, and some still do after the 10 redraws
-    labels = {i: [(0, 1 + i % 3)] + ([(0, 0)] if i % 20 else []) for i in range(200)}
-    root = make_asen(str(tmp_path), labels, [4])
-    values = {i: {v for _, v in pairs} for i, pairs in labels.items()}
-    ds = data.TripletDataset("asen-toy", root, 32, 3000, seed=0)
-    assert len(ds._draw_some(np.random.default_rng(0), 3000)) < 3000  # the redraws alone leave triplets out
-    for epoch in range(3):
-        ds.set_epoch(epoch)
-        assert ds.triplets.shape == (3000, 4)  # topped up to exactly the number asked for
-        for a, p, n, c in ds.triplets:
-            assert a != p and values[a] & values[p] - values[n]  # a value of anchor and positive that the negative lacks
-    # a label set where no negative can ever lack the first value stops with a message instead of looping
-    root = make_asen(str(tmp_path / "all"), {i: [(0, 0), (0, 1)] for i in range(4)}, [2])
-    with pytest.raises(ValueError, match="keep sharing the anchor's value"):
-        data.TripletDataset("asen-toy", root, 32, 10)
-
-
-def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
-    root = make_asen(str(tmp_path), {0: [(0, 0)], 1: [(0, 1)], 2: [(1, 0)], 3: [(1, 0)]}, [2, 1])
-    with pytest.raises(ValueError, match="no triplet can be drawn"):
-        data.TripletDataset("asen-toy", root, 32, 10)
+def test_training_set_draws_the_split_files_labels_and_leaves_missing_images_out(tmp_path, capsys):
+    labels = {i: [(0, i % 3), (1, i % 2)] for i in range(30)}
+    root = make_asen(str(tmp_path), labels, [3, 2])
+    sampler, store = data.training_set("asen-toy", root, 32, 500, seed=1)
+    rows = np.array([(i, a, v) for i, p in labels.items() for a, v in p])
+    assert np.array_equal(sampler.epoch(2), data.TripletSampler(500, 1, labels=rows, value_counts=[3, 2]).epoch(2))
+    assert store.paths == [os.path.join(root, f"img/{i}.jpg") for i in range(30)] and not store.stored
+    os.remove(os.path.join(root, "img/4.jpg"))
+    sampler, _ = data.training_set("asen-toy", root, 32, 500, seed=1)
+    assert "1 of 30 training images are missing" in capsys.readouterr().out
+    assert 4 not in sampler.epoch(0)[:, :3] and 4 not in sampler.images()
+    for i in range(30):
+        os.remove(os.path.join(root, f"img/{i}.jpg")) if i != 4 else None
+    with pytest.raises(FileNotFoundError, match="30 of 30 training images are missing"):
+        data.training_set("asen-toy", root, 32, 500)
 
 # -----------------------------------------------------------------------------
 # zappos (CSN format), on conftest.py's zappos folder: 12 images, 5 triplets per condition and split, CRLF ends
@@ -321,16 +230,14 @@ def test_no_drawable_attribute_raises_instead_of_looping(tmp_path):
 
 def test_zappos_train_keeps_anchor_far_close_order(zappos):
     root, lists = zappos
-    ds = data.TripletDataset("zappos", root, 16, 10, seed=0)  # 10 over 4 conditions: 3, 3, 2, 2 first lines
+    sampler, store = data.training_set("zappos", root, 16, 10, seed=0)  # 10 over 4 conditions: 3, 3, 2, 2 first lines
     expected = {(a, close, far, c) for c, k in zip(range(4), (3, 3, 2, 2)) for a, far, close in lists["train", c][:k]}
-    assert {tuple(r) for r in ds.triplets.tolist()} == expected and len(ds) == 10
-    first = ds.triplets.copy()
-    ds.set_epoch(1)  # the fixed list, in a new order
-    assert {tuple(r) for r in ds.triplets.tolist()} == expected and not np.array_equal(first, ds.triplets)
-    ds.set_epoch(0)
-    assert np.array_equal(first, ds.triplets)
-    a, p, n, c = ds[0]
-    assert a.shape == (3, 16, 16) and isinstance(c, int)
+    first = sampler.epoch(0)
+    assert {tuple(r) for r in first.tolist()} == expected and len(first) == 10
+    assert {tuple(r) for r in sampler.epoch(1).tolist()} == expected and not np.array_equal(first, sampler.epoch(1))
+    assert np.array_equal(first, sampler.epoch(0))  # the fixed list, in a new order each epoch
+    a, p, n, c = data.TripletBatches(first, store, 2)[0]
+    assert a.shape == (2, 3, 16, 16) and a.dtype == torch.uint8 and c.tolist() == first[:2, 3].tolist()
     assert data.prepare_dataset("zappos", root)[1]["format"] == "zappos"
 
 
@@ -360,7 +267,7 @@ def test_eval_sets_refuse_or_drop_missing_images(zappos, tmp_path):
     assert data.check_eval_images("zappos", root, "drop") == {"valid": {"triplets": (uses, 20)}, "test": {"triplets": (uses, 20)}}
     # ASEN lists: the query or candidate of a missing image is left out, the others kept in their order
     synth = str(tmp_path / "s")
-    data.make_synthetic(synth, seed=3, workers=1, **SMALL)
+    synthetic.make_synthetic(synth, seed=3, workers=1, **SMALL)
     q = data.EvalItems("synthetic", synth, "valid", "query", 32)
     os.remove(q.paths[3])
     with pytest.raises(FileNotFoundError, match="1 of 10 valid query images are missing"):
@@ -369,7 +276,7 @@ def test_eval_sets_refuse_or_drop_missing_images(zappos, tmp_path):
     assert (dropped.left_out, dropped.listed) == (1, 10) and dropped.paths == q.paths[:3] + q.paths[4:]
     assert torch.equal(dropped.attrs, torch.cat([q.attrs[:3], q.attrs[4:]]))
     assert data.check_eval_images("synthetic", synth, "drop")["valid"] == {"query": (1, 10), "candidate": (0, 40)}
-    assert data.chance_map("synthetic", synth, "valid", "drop") != data.chance_map("synthetic", synth, "valid")
+    assert evaluate.chance_map("synthetic", synth, "valid", "drop") != evaluate.chance_map("synthetic", synth, "valid")
 
 # -----------------------------------------------------------------------------
 # images
@@ -382,7 +289,8 @@ def test_load_image_resize_crop_normalise_flip(tmp_path):
     img = data.load_image(str(tmp_path / "a.png"), 32)
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert img[:, :, 0].eq(1).all() and img[:, :, -1].eq(-1).all()  # mean = std = 0.5: [0, 1] -> [-1, 1]
-    assert torch.equal(data.load_image(str(tmp_path / "a.png"), 32, flip=True), img.flip(-1))
+    assert torch.equal(data.normalise(data.read_image(str(tmp_path / "a.png"), 32)), img)
+    assert data.read_image(str(tmp_path / "a.png"), 32).dtype == torch.uint8
 
 
 def test_load_image_large_jpeg_decodes_reduced(tmp_path):
@@ -420,23 +328,23 @@ def files_of(root):
 
 
 def test_synthetic_is_deterministic(tmp_path):
-    data.make_synthetic(str(tmp_path / "a"), seed=3, workers=1, **SMALL)
-    data.make_synthetic(str(tmp_path / "b"), seed=3, workers=2, **SMALL)  # other worker count, same bytes
+    synthetic.make_synthetic(str(tmp_path / "a"), seed=3, workers=1, **SMALL)
+    synthetic.make_synthetic(str(tmp_path / "b"), seed=3, workers=2, **SMALL)  # other worker count, same bytes
     a, b = files_of(str(tmp_path / "a")), files_of(str(tmp_path / "b"))
     assert len(a) == 60 + 2 * 50 + 9 and a == b
-    data.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **SMALL)
+    synthetic.make_synthetic(str(tmp_path / "c"), seed=4, workers=1, **SMALL)
     c = files_of(str(tmp_path / "c"))
     assert c["label_train.txt"] != a["label_train.txt"] and c["images/train/00000.jpg"] != a["images/train/00000.jpg"]
 
 
 def test_shapes_set_is_deterministic_balanced_and_apart_from_the_synthetic_set():
-    x, y = data.make_shapes(48, img_size=16, seed=5, workers=1)
+    x, y = synthetic.make_shapes(48, img_size=16, seed=5, workers=1)
     assert x.shape == (48, 3, 16, 16) and x.dtype == torch.uint8
     assert (torch.bincount(y, minlength=24) == 2).all()  # 24 classes, balanced
-    x2, y2 = data.make_shapes(48, img_size=16, seed=5, workers=2)  # other worker count, same pixels
+    x2, y2 = synthetic.make_shapes(48, img_size=16, seed=5, workers=2)  # other worker count, same pixels
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    assert not torch.equal(data.make_shapes(48, img_size=16, seed=6, workers=1)[0], x)
-    assert len(data.SHAPE_CLASSES) == 24 and not set(data.SHAPE_CLASSES) & {v for vs in data.SYNTH_ATTRIBUTES.values() for v in vs}
+    assert not torch.equal(synthetic.make_shapes(48, img_size=16, seed=6, workers=1)[0], x)
+    assert len(synthetic.SHAPE_CLASSES) == 24 and not set(synthetic.SHAPE_CLASSES) & {v for vs in synthetic.SYNTH_ATTRIBUTES.values() for v in vs}
 
 
 def test_synthetic_is_asen_format(synth):
@@ -454,52 +362,57 @@ def test_synthetic_is_asen_format(synth):
         assert listed == sorted(set(listed)) and len(listed) == 50  # each image once, under one attribute
         assert set(q.attrs.tolist()) == set(c.attrs.tolist()) == set(range(A))  # every attribute is covered
         image, attr, value, i = q[0]
-        assert image.shape == (3, 64, 64) and -1 <= image.min() and image.max() <= 1 and i == 0
-    assert 0.15 < data.chance_map("synthetic", root, "test") < 0.5
-    ds = data.TripletDataset("synthetic", root, 64, 50)
-    a, p, n, cond = ds[0]
-    assert a.shape == p.shape == n.shape == (3, 64, 64) and 0 <= cond < A
+        assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and i == 0
+        assert torch.equal(data.normalise(image), data.load_image(q.paths[0], 64))
+    assert 0.15 < evaluate.chance_map("synthetic", root, "test") < 0.5
+    sampler, store = data.training_set("synthetic", root, 64, 50)
+    a, p, n, cond = data.TripletBatches(sampler.epoch(0), store, 1)[0]
+    assert a.shape == p.shape == n.shape == (1, 3, 64, 64) and 0 <= cond[0] < A
 
 
 @pytest.mark.parametrize("which", ["synth", "zappos"])
 def test_cached_triplets_equal_decoded_ones(which, request):
     """cache=True must give the very tensors of decoding each time, flips included."""
     name, root = ("synthetic", request.getfixturevalue("synth")) if which == "synth" else ("zappos", request.getfixturevalue("zappos")[0])
-    plain = data.TripletDataset(name, root, 16, 40, seed=1)
-    cached = data.TripletDataset(name, root, 16, 40, seed=1, cache=True)
-    used = np.unique(plain.triplets[:, :3]) if name == "zappos" else np.unique(plain.members)
-    assert cached.images.shape == (len(used), 3, 16, 16) and cached.images.dtype == torch.uint8
+    sampler, plain = data.training_set(name, root, 16, 40, seed=1)
+    cached = data.training_set(name, root, 16, 40, seed=1, cache=True)[1]
+    used = sampler.images()
+    assert cached.images.shape == (len(used), 3, 16, 16) and cached.images.dtype == torch.uint8 and plain.images is None
+    assert torch.equal(cached.take(used), plain.take(used))
+    triplets = sampler.epoch(0)
+    by_file, by_cache = (data.TripletBatches(triplets, s, 8) for s in (plain, cached))
     flipped = 0
-    for i in range(len(plain)):
+    for i in range(len(by_file)):
         torch.manual_seed(i)
-        want = plain[i]
+        want = by_file[i]
         torch.manual_seed(i)
-        got = cached[i]
-        assert got[3] == want[3] and all(torch.equal(g, w) for g, w in zip(got[:3], want[:3]))
+        got = by_cache[i]
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
         torch.manual_seed(i)
-        flipped += sum((torch.rand(3) < 0.5).tolist())
-    assert 0 < flipped < 3 * len(plain)  # both branches of the flip were compared
-    # the training loop's batched path: the same images as decoding each one with its flip
-    rows = np.arange(len(plain) - 7, len(plain))
+        flipped += int((torch.rand(8, 3) < 0.5).sum())
+    assert 0 < flipped < 3 * 8 * len(by_file)  # both branches of the flip were compared
+    # the batch: each image as decoded from its file, mirrored where its flip says
+    rows = np.arange(len(triplets) - 7, len(triplets))
     flips = torch.rand(len(rows), 3) < 0.5
-    a, p, n, c = cached.batch(rows, flips)
-    assert a.shape == (len(rows), 3, 16, 16) and c.tolist() == plain.triplets[rows, 3].tolist()
+    a, p, n, c = by_cache.batch(rows, flips)
+    assert a.shape == (len(rows), 3, 16, 16) and c.tolist() == triplets[rows, 3].tolist()
     for k, r in enumerate(rows):
-        for x, j, f in zip((a, p, n), plain.triplets[r, :3], flips[k]):
-            assert torch.equal(x[k], data.load_image(plain.paths[j], 16, bool(f)))
-    with pytest.raises(RuntimeError, match="cache=True"):
-        plain.batch(rows)
+        for x, j, f in zip((a, p, n), triplets[r, :3], flips[k]):
+            image = data.read_image(plain.paths[j], 16)
+            assert torch.equal(x[k], image.flip(-1) if f else image)
+    unflipped = data.TripletBatches(triplets, cached, 8, flip=False).batch(rows)  # --no-flip: the images as decoded
+    assert all(torch.equal(x, plain.take(triplets[rows, j])) for j, x in enumerate(unflipped[:3]))
 
 
 def test_chance_ap_by_hand():
     # 1 query, 3 candidates of its attribute, 1 relevant: a random rank 1, 2, 3 gives AP 1, 1/2, 1/3
     q = np.array([[0, 0, 1]])
     c = np.array([[1, 0, 1], [2, 0, 0], [3, 0, 2], [4, 1, 1]])
-    assert data.chance_ap(q, c)[0] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert evaluate.chance_ap(q, c)[0] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
     # 2 relevant of 3: rankings RRN, RNR, NRR give 1, (1 + 2/3)/2, (1/2 + 2/3)/2 -> mean 29/36
     c[1, 2] = 1
-    assert data.chance_ap(q, c)[0] == pytest.approx(29 / 36)
-    assert data.chance_ap(np.array([[0, 0, 9]]), c)[0] == 0  # no relevant candidate: AP 0
+    assert evaluate.chance_ap(q, c)[0] == pytest.approx(29 / 36)
+    assert evaluate.chance_ap(np.array([[0, 0, 9]]), c)[0] == 0  # no relevant candidate: AP 0
 
 
 def test_prepare_dataset_creates_missing_synthetic(tmp_path, monkeypatch):
@@ -514,26 +427,29 @@ def test_prepare_dataset_creates_missing_synthetic(tmp_path, monkeypatch):
     assert root == str(tmp_path / "syn") and len(made) == 1 and os.path.isfile(os.path.join(root, "meta.json"))
     assert data.prepare_dataset("synthetic", root)[1] == meta and len(made) == 1  # made once
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    # a set drawn by an older data.py (no version, or another one) is refused, naming the folder, not trained on
+    # a set drawn by another version of synthetic.py is refused, naming the folder, not trained on; a meta.json
+    # without a version is no synthetic set's
     path = os.path.join(root, "meta.json")
     raw = json.load(open(path))
-    for old in (None, data.SYNTH_VERSION - 1):
-        if old is None:
-            raw.pop("SYNTHETIC_VERSION")
-        else:
-            raw["SYNTHETIC_VERSION"] = old
-        with open(path, "w") as f:
-            json.dump(raw, f)
-        with pytest.raises(ValueError, match=re.escape(f"{root} holds a synthetic set drawn by an older data.py (version {old or 1}")):
-            data.prepare_dataset("synthetic", root)
+    raw["SYNTHETIC_VERSION"] = synthetic.SYNTH_VERSION - 1
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match=re.escape(f"{root} holds a synthetic set drawn by an older synthetic.py "
+                                                   f"(version {synthetic.SYNTH_VERSION - 1}")):
+        data.prepare_dataset("synthetic", root)
+    raw.pop("SYNTHETIC_VERSION")
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a synthetic set's meta.json (no SYNTHETIC_VERSION)")):
+        data.prepare_dataset("synthetic", root)
     assert len(made) == 1
 
 # -----------------------------------------------------------------------------
-# python data.py check / synth, as a user runs them
+# python dataset_tools.py check / synth, as a user runs them
 
 
 def run(*args):
-    cmd = [sys.executable, os.path.join(REPO, "data.py"), *args]
+    cmd = [sys.executable, os.path.join(REPO, "dataset_tools.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
 
 

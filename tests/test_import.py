@@ -1,4 +1,4 @@
-"""Tests of data.py import: a catalogue CSV (long, wide, FashionAI's label.csv) -> the ASEN-format folder.
+"""Tests of dataset_tools.py import: a catalogue CSV (long, wide, FashionAI's label.csv) -> the ASEN-format folder.
 
 The catalogue is written the way spreadsheets write it: a UTF-8 byte-order mark, CRLF line ends, a value with a
 comma in quotes, blank cells; one labelled image is missing and one is not an image.
@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import data
+import dataset_tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,8 +82,8 @@ def labels_in_folder(out):
 
 def test_both_layouts_give_the_expected_folder(shop, tmp_path):
     logs = []
-    s_long = data.import_catalogue(str(shop / "long.csv"), str(tmp_path / "a"), log=logs.append)
-    s_wide = data.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "b"), log=logs.append)
+    s_long = dataset_tools.import_catalogue(str(shop / "long.csv"), str(tmp_path / "a"), log=logs.append)
+    s_wide = dataset_tools.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "b"), log=logs.append)
     assert s_long["format"] == "long" and s_wide["format"] == "wide"
     fa, ma = read_folder(tmp_path / "a")
     fb, mb = read_folder(tmp_path / "b")
@@ -112,13 +113,13 @@ def test_both_layouts_give_the_expected_folder(shop, tmp_path):
 
 def test_split_is_deterministic_image_disjoint_and_independent_of_row_order(shop, tmp_path):
     quiet = dict(log=lambda s: None)
-    data.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "a"), seed=3, **quiet)
-    data.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "b"), seed=3, **quiet)
+    dataset_tools.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "a"), seed=3, **quiet)
+    dataset_tools.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "b"), seed=3, **quiet)
     with open(shop / "wide.csv", encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f))
     write_csv(tmp_path / "shuffled.csv", rows[0], rows[:0:-1])  # the rows reversed
-    data.import_catalogue(str(tmp_path / "shuffled.csv"), str(tmp_path / "c"), image_root=str(shop), seed=3, **quiet)
-    data.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "d"), seed=4, **quiet)
+    dataset_tools.import_catalogue(str(tmp_path / "shuffled.csv"), str(tmp_path / "c"), image_root=str(shop), seed=3, **quiet)
+    dataset_tools.import_catalogue(str(shop / "wide.csv"), str(tmp_path / "d"), seed=4, **quiet)
     a, b, c, d = (read_folder(tmp_path / x)[0] for x in "abcd")
     assert a == b == c
     assert a["filenames_test.txt"] != d["filenames_test.txt"]  # another seed, another split
@@ -143,7 +144,7 @@ def test_fashionai_label_csv(tmp_path):
     lines += ["Images/x.jpg,skirt_length_labels,nnnnnn", "Images/y.jpg,skirt_length_labels,ynnnnnnn"]  # no y; 8 marks
     (tmp_path / "Annotations" / "label.csv").write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
-    s = data.import_catalogue(str(tmp_path / "Annotations" / "label.csv"), out, fmt="fashionai", valid_frac=0.2,
+    s = dataset_tools.import_catalogue(str(tmp_path / "Annotations" / "label.csv"), out, fmt="fashionai", valid_frac=0.2,
                               test_frac=0.2, log=lambda s: None)
     assert s["format"] == "fashionai" and len(s["bad"]) == 2 and not s["missing"]
     meta = data.load_meta("custom", out)
@@ -151,7 +152,7 @@ def test_fashionai_label_csv(tmp_path):
     assert meta["values"] == [data.FASHIONAI_VALUE_NAMES["skirt_length"], data.FASHIONAI_VALUE_NAMES["collar_design"]]
     assert labels_in_folder(out) == truth
     # the format is recognised without --format too
-    again = data.import_catalogue(str(tmp_path / "Annotations" / "label.csv"), str(tmp_path / "again"), valid_frac=0.2,
+    again = dataset_tools.import_catalogue(str(tmp_path / "Annotations" / "label.csv"), str(tmp_path / "again"), valid_frac=0.2,
                                   test_frac=0.2, log=lambda s: None)
     assert again["format"] == "fashionai" and read_folder(tmp_path / "again")[0] == read_folder(out)[0]
 
@@ -164,7 +165,7 @@ def test_duplicates_conflicts_and_bad_rows_are_reported(shop, tmp_path):
     extra = [["./" + p0, "colour", "Red"], [p1, "colour", "Green"], ["only two", "fields"]]
     write_csv(tmp_path / "c.csv", rows[0], rows[1:] + extra)
     logs = []
-    s = data.import_catalogue(str(tmp_path / "c.csv"), str(tmp_path / "out"), image_root=str(shop), log=logs.append)
+    s = dataset_tools.import_catalogue(str(tmp_path / "c.csv"), str(tmp_path / "out"), image_root=str(shop), log=logs.append)
     assert s["duplicates"] == 1 and len(s["conflicts"]) == 1 and len(s["bad"]) == 1
     assert "Blue" in s["conflicts"][0] and "Green" in s["conflicts"][0]
     found = labels_in_folder(str(tmp_path / "out"))
@@ -175,13 +176,13 @@ def test_duplicates_conflicts_and_bad_rows_are_reported(shop, tmp_path):
     with open(shop / "wide.csv", encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f))
     write_csv(tmp_path / "w.csv", rows[0] + ["pattern"], [r + [""] for r in rows[1:]])
-    s = data.import_catalogue(str(tmp_path / "w.csv"), str(tmp_path / "w"), image_root=str(shop), log=logs.append)
+    s = dataset_tools.import_catalogue(str(tmp_path / "w.csv"), str(tmp_path / "w"), image_root=str(shop), log=logs.append)
     assert s["attributes"] == ["colour", "length"] and "attributes without a single label (left out): pattern" in logs
 
 
 def test_cli_exits_with_one_line_when_nothing_usable(shop, tmp_path):
     write_csv(tmp_path / "gone.csv", ["path", "colour"], [["nowhere/a.jpg", "Red"], ["nowhere/b.jpg", "Blue"]])
-    r = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "import", str(tmp_path / "gone.csv"), "--out",
+    r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_tools.py"), "import", str(tmp_path / "gone.csv"), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "nothing usable" in r.stderr
@@ -194,7 +195,7 @@ def test_train_and_evaluate_on_an_imported_catalogue(shop, tmp_path, capsys):
     import visualize
 
     out = str(tmp_path / "shop")
-    data.import_catalogue(str(shop / "wide.csv"), out, log=lambda s: None)
+    dataset_tools.import_catalogue(str(shop / "wide.csv"), out, log=lambda s: None)
     train.main(["--data", "custom", "--data-root", out, "--out-dir", str(tmp_path / "run"), "--arch", "tiny", "--img-size", "32",
                 "--out-dim", "16", "--batch-size", "8", "--num-triplets", "16", "--epochs", "1", "--workers", "0"])
     with pytest.raises(SystemExit, match="looks like an imported catalogue .* add --data custom"):

@@ -1,4 +1,4 @@
-"""Tests of the fast paths: prepared image arrays (data.py prepare) against decoding, their refusal when stale,
+"""Tests of the fast paths: prepared image arrays (dataset_tools.py prepare) against decoding, their refusal when stale,
 torch.compile's checkpoints, the counted FLOPs; then the CUDA paths, which skip without a GPU.
 
     python -m pytest -q tests/test_speed.py
@@ -16,8 +16,11 @@ import torch.nn as nn
 from PIL import Image
 
 import data
+import runtime
 import train
 from cca import CCAConfig, build_model
+from dataset_tools import prepare_images
+from synthetic import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +32,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def prepared(synth, tmp_path_factory):
     """A copy of conftest.py's small synthetic set with its images prepared at SIZE px."""
     root = shutil.copytree(synth, str(tmp_path_factory.mktemp("prepared") / "s"))
-    data.prepare_images("synthetic", root, SIZE, workers=2)  # two processes, several chunks each
+    prepare_images("synthetic", root, SIZE, workers=2)  # two processes, several chunks each
     return root
 
 
@@ -71,41 +74,42 @@ def test_prepared_arrays_equal_read_image(prepared):
 
 
 def test_batches_from_prepared_equal_decoded(prepared):
-    plain = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1, prepared=False)
-    prep = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1)
-    cached = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=1, cache=True, prepared=False)
-    assert prep.prepared is not None and prep.images is None and plain.prepared is None
-    assert np.array_equal(prep.triplets, plain.triplets)
+    sampler, plain = data.training_set("synthetic", prepared, SIZE, 40, seed=1, prepared=False)
+    prep = data.training_set("synthetic", prepared, SIZE, 40, seed=1)[1]
+    cached = data.training_set("synthetic", prepared, SIZE, 40, seed=1, cache=True, prepared=False)[1]
+    assert prep.prepared is not None and prep.images is None and plain.prepared is None and cached.images is not None
+    triplets = sampler.epoch(0)
     rows = np.arange(5, 17)
     flips = torch.rand(len(rows), 3, generator=torch.Generator().manual_seed(0)) < 0.5
     assert 0 < flips.sum() < flips.numel()  # both branches of the flip are compared
-    got, stored = prep.batch(rows, flips), cached.batch(rows, flips)
-    raw = prep.raw_batch(rows, flips)
-    assert raw[0].dtype == torch.uint8 and raw[0].shape == (len(rows), 3, SIZE, SIZE)
+    got, stored, decoded = (data.TripletBatches(triplets, s, 8).batch(rows, flips) for s in (prep, cached, plain))
+    assert got[0].dtype == torch.uint8 and got[0].shape == (len(rows), 3, SIZE, SIZE)
     for k, r in enumerate(rows):
-        for x, s, u, j, f in zip(got[:3], stored[:3], raw[:3], plain.triplets[r, :3], flips[k]):
-            want = data.load_image(plain.paths[j], SIZE, bool(f))
-            assert torch.equal(x[k], want) and torch.equal(s[k], want) and torch.equal(data.normalise(u[k]), want)
-    assert got[3].tolist() == plain.triplets[rows, 3].tolist()
-    for i in range(6):  # one item at a time, as the JPEG loader takes them, with the same flips
+        for x, s, d, j, f in zip(got[:3], stored[:3], decoded[:3], triplets[r, :3], flips[k]):
+            image = data.read_image(plain.paths[j], SIZE)
+            want = image.flip(-1) if f else image
+            assert torch.equal(x[k], want) and torch.equal(s[k], want) and torch.equal(d[k], want)
+    assert got[3].tolist() == triplets[rows, 3].tolist()
+    for i in range(2):  # whole batches with the random flips, as the loader takes them: the same from every store
         torch.manual_seed(i)
-        want = plain[i]
+        want = data.TripletBatches(triplets, plain, 8)[i]
         torch.manual_seed(i)
-        item = prep[i]
-        assert item[3] == want[3] and all(torch.equal(g, w) for g, w in zip(item[:3], want[:3]))
+        item = data.TripletBatches(triplets, prep, 8)[i]
+        assert all(torch.equal(g, w) for g, w in zip(item, want))
 
 
 def test_loader_workers_cut_batches_from_the_mapping(prepared):
-    prep = data.TripletDataset("synthetic", prepared, SIZE, 40, seed=2)
-    batches = data.TripletBatches(prep, 8)
+    sampler, store = data.training_set("synthetic", prepared, SIZE, 40, seed=2)
+    triplets = sampler.epoch(0)
+    batches = data.TripletBatches(triplets, store, 8)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1)
     seen = 0
     for i, (a, p, n, c) in enumerate(loader):
-        t = prep.triplets[i * 8:(i + 1) * 8]
+        t = triplets[i * 8:(i + 1) * 8]
         assert a.dtype == torch.uint8 and c.tolist() == t[:, 3].tolist()
         for x, col in zip((a, p, n), range(3)):
             for k in range(8):
-                image = data.read_image(prep.paths[t[k, col]], SIZE)
+                image = data.read_image(store.paths[t[k, col]], SIZE)
                 seen += torch.equal(x[k], image.flip(-1)) and not torch.equal(x[k], image)
                 assert torch.equal(x[k], image) or torch.equal(x[k], image.flip(-1))
     assert i + 1 == len(batches) == 5 and 0 < seen < 5 * 24  # random flips, per sample
@@ -116,22 +120,23 @@ def test_loader_workers_cut_batches_from_the_mapping(prepared):
 def test_eval_sets_from_prepared_equal_decoded(prepared, tmp_path):
     for role in ("query", "candidate"):
         prep, plain = (data.EvalItems("synthetic", prepared, "test", role, SIZE, prepared=p) for p in (True, False))
-        assert prep.prepared is not None and len(prep) == len(plain)
+        assert prep.store.prepared is not None and len(prep) == len(plain)
         for i in range(len(prep)):
             a, b = prep[i], plain[i]
             assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
     root = zappos_set(str(tmp_path))
-    data.prepare_images("zappos", root, 16, workers=1)
+    prepare_images("zappos", root, 16, workers=1)
     assert sorted(os.listdir(os.path.join(root, "prepared"))) == ["images_16.json", "images_16.npy"]  # one for all splits
     prep, plain = (data.ZapposEvalSet(root, "test", 16, num_triplets=12, prepared=p) for p in (True, False))
-    assert prep.prepared is not None and len(prep) == len(plain) > 8  # an image under several conditions
+    assert prep.store.prepared is not None and len(prep) == len(plain) > 8  # an image under several conditions
     for i in range(len(prep)):
         a, b = prep[i], plain[i]
         assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-    train_set = data.TripletDataset("zappos", root, 16, 12)
-    torch.manual_seed(0)
-    x = train_set.batch(np.arange(4), torch.zeros(4, 3, dtype=torch.bool))
-    assert torch.equal(x[1][2], data.load_image(train_set.paths[train_set.triplets[2, 1]], 16))
+    sampler, store = data.training_set("zappos", root, 16, 12)
+    assert store.prepared is not None
+    triplets = sampler.epoch(0)
+    x = data.TripletBatches(triplets, store, 4).batch(np.arange(4), torch.zeros(4, 3, dtype=torch.bool))
+    assert torch.equal(x[1][2], data.read_image(store.paths[triplets[2, 1]], 16))
 
 # -----------------------------------------------------------------------------
 # a stale, truncated or half-written array is refused, naming the file and the fix
@@ -139,10 +144,10 @@ def test_eval_sets_from_prepared_equal_decoded(prepared, tmp_path):
 
 def refused(root, match, split="train", size=SIZE, error=ValueError):
     with pytest.raises(error, match=match) as e:
-        data.TripletDataset("synthetic", root, size, 10) if split == "train" else \
+        data.training_set("synthetic", root, size, 10) if split == "train" else \
             data.EvalItems("synthetic", root, split, "query", size)
     if error is ValueError:
-        assert f"python data.py prepare --data synthetic --data-root {root} --img-size {size}" in str(e.value)
+        assert f"python dataset_tools.py prepare --data synthetic --data-root {root} --img-size {size}" in str(e.value)
     return str(e.value)
 
 
@@ -163,13 +168,13 @@ def test_stale_arrays_are_refused(copy):
     refused(copy, "filenames_train.txt has changed")
     with open(os.path.join(copy, "filenames_train.txt"), "w") as f:
         f.writelines(n + "\n" for n in names)
-    data.TripletDataset("synthetic", copy, SIZE, 10)  # back as it was: accepted
+    data.training_set("synthetic", copy, SIZE, 10)  # back as it was: accepted
     # made with another transform
     header = json.load(open(head))
     json.dump(dict(header, version=0), open(head, "w"))
-    refused(copy, f"train_24.npy: made by a data.py with another image transform \\(version 0, this one is {data.PREPARED_VERSION}\\)")
+    refused(copy, f"train_24.npy: made by another version of read_image \\(version 0, this one is {data.PREPARED_VERSION}\\)")
     json.dump(header, open(head, "w"))
-    data.TripletDataset("synthetic", copy, SIZE, 10)
+    data.training_set("synthetic", copy, SIZE, 10)
 
 
 def test_truncated_or_half_written_arrays_are_refused(copy, capsys):
@@ -185,7 +190,7 @@ def test_truncated_or_half_written_arrays_are_refused(copy, capsys):
     os.remove(head)
     refused(copy, r"train_24.npy: no header .*train_24.json beside it")
     os.remove(npy)  # neither: decode the files
-    assert data.TripletDataset("synthetic", copy, SIZE, 10).prepared is None
+    assert data.training_set("synthetic", copy, SIZE, 10)[1].prepared is None
     json.dump({"version": 1}, open(head, "w"))
     refused(copy, r"train_24.json: the array .*train_24.npy is missing")
     open(npy, "w").close()
@@ -200,11 +205,11 @@ def test_missing_and_unreadable_images(copy):
     os.rename(gone, gone + ".away")
     with open(bad, "wb") as f:
         f.write(b"not a jpeg")
-    data.prepare_images("synthetic", copy, SIZE, workers=1)
+    prepare_images("synthetic", copy, SIZE, workers=1)
     assert json.load(open(data.prepared_files(copy, "train", SIZE)[1]))["missing"] == [4]
     # missing when prepared and still missing: left out of training, as when decoding
-    ds = data.TripletDataset("synthetic", copy, SIZE, 200)
-    assert ds.prepared is not None and 4 not in ds.triplets[:, :3]
+    sampler, store = data.training_set("synthetic", copy, SIZE, 200)
+    assert store.prepared is not None and 4 not in sampler.epoch(0)[:, :3]
     # there again: the array no longer matches the images
     os.rename(gone + ".away", gone)
     refused(copy, r"train_24.npy: 1 images were missing when it was made and are there now, e.g. \[.*00004.jpg'\]")
@@ -218,9 +223,9 @@ def test_missing_and_unreadable_images(copy):
 
 def test_cli_prepare_reports_by_name(tmp_path):
     root = str(tmp_path / "s")
-    data.make_synthetic(root, num_train=30, num_query=10, num_candidate=20, size=32, workers=1)
+    make_synthetic(root, num_train=30, num_query=10, num_candidate=20, size=32, workers=1)
     os.remove(os.path.join(root, "images", "valid", "00003.jpg"))
-    cmd = [sys.executable, os.path.join(REPO, "data.py"), "prepare", "--data", "synthetic", "--data-root", root,
+    cmd = [sys.executable, os.path.join(REPO, "dataset_tools.py"), "prepare", "--data", "synthetic", "--data-root", root,
            "--img-size", "16", "--workers", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
@@ -297,7 +302,7 @@ def test_training_flops_match_a_count_by_hand():
     hand.append(len(model.blocks[:-1]) * 4 * B * N * N * D)  # self-attention: QK^T and AV
     hand.append(2 * B * D * D + 2 * B * N * 2 * D * D + 4 * B * 1 * N * D)  # block L: q_c's query, the keys and values, attention
     forward = sum(hand)
-    assert train.training_flops(cfg) * B == 3 * forward - first_conv
+    assert runtime.training_flops(cfg) * B == 3 * forward - first_conv
 
 
 def test_gpu_peaks_by_name(monkeypatch):
@@ -305,7 +310,7 @@ def test_gpu_peaks_by_name(monkeypatch):
                        ("NVIDIA H100 NVL", ("H100 NVL 835 TFLOP/s dense bf16", 835e12)), ("NVIDIA H200", ("H200 SXM 989 TFLOP/s dense bf16", 989e12)),
                        ("NVIDIA A100-SXM4-80GB", ("A100 312 TFLOP/s dense bf16", 312e12)), ("Tesla T4", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-        assert train.gpu_peak("cuda") == want, name
+        assert runtime.gpu_peak("cuda") == want, name
 
 # -----------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
@@ -319,11 +324,11 @@ def test_cuda_flash_attention_in_every_block(method):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = build_model(CCAConfig(img_size=224, method=method)).cuda()
     opt = torch.optim.Adam(model.parameters(), fused=True)
-    a, p, n = torch.randn(3, 2, 3, 224, 224, device="cuda")
+    a, p, n = torch.randint(0, 256, (3, 2, 3, 224, 224), dtype=torch.uint8, device="cuda")
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        loss, _ = train.train_step(model, opt, a, p, n, torch.tensor([0, 3], device="cuda"), 0.2, True)
+        loss, _ = train.train_step(train.Objective(model, 0.2), opt, a, p, n, torch.tensor([0, 3], device="cuda"), True)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            assert model.embed_all(a).shape == (2, 8, 1024)
+            assert model.embed_all(data.normalise(a)).shape == (2, 8, 1024)
     assert torch.isfinite(loss)
 
 
@@ -335,12 +340,11 @@ def test_cuda_compiled_and_channels_last_steps_match_eager():
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in models]
-    a, p, n = torch.randn(3, 8, 3, 64, 64, device="cuda")
+    a, p, n = torch.randint(0, 256, (3, 8, 3, 64, 64), dtype=torch.uint8, device="cuda")
     c = torch.randint(0, 5, (8,), device="cuda")
-    cl = [t.contiguous(memory_format=torch.channels_last) for t in (a, p, n)]
-    losses = [train.train_step(models[0], opts[0], a, p, n, c, 0.2, True)[0],
-              train.train_step(torch.compile(models[1]), opts[1], a, p, n, c, 0.2, True)[0],
-              train.train_step(models[2], opts[2], *cl, c, 0.2, True)[0]]
+    steps = [train.Objective(models[0], 0.2), torch.compile(train.Objective(models[1], 0.2)),
+             train.Objective(models[2], 0.2, channels_last=True)]
+    losses = [train.train_step(s, o, a, p, n, c, True)[0] for s, o in zip(steps, opts)]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0], rtol=0.05, atol=0.01)
     for k, v in models[0].state_dict().items():
@@ -353,7 +357,7 @@ def test_cuda_training_compiles_reports_mfu_and_saves_plain_weights(prepared, tm
     train.main(run_args(prepared, tmp_path, "--device", "cuda", "--workers", "1", "--channels-last"))
     out = capsys.readouterr().out
     assert "torch.compile on, channels-last on" in out and "GFLOPs per training image (counted)" in out
-    if train.gpu_peak(torch.device("cuda")):
+    if runtime.gpu_peak(torch.device("cuda")):
         assert " mfu " in out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     build_model(CCAConfig(**ckpt["config"])).load_state_dict(ckpt["model"], strict=True)

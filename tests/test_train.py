@@ -17,7 +17,7 @@ import evaluate
 import train
 import visualize
 from cca import CCA, CCAConfig, build_model
-from data import ASEN_FILES
+from data import ASEN_FILES, normalise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_two_steps_write_checkpoints_that_evaluate_scores(synth120, tmp_path, ca
     best = torch.load(tmp_path / "best.pt", weights_only=True)  # plain types only: loads with weights_only
     assert set(best) >= {"model", "optimizer", "epoch", "best_metric", "config", "meta", "args"}
     assert best["epoch"] == 0 and best["meta"]["name"] == "synthetic"
-    assert os.path.isfile(tmp_path / "last.pt") and not os.path.exists(tmp_path / "best.pt.tmp")
+    assert os.path.isfile(tmp_path / "last.pt") and not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     # evaluate.py rebuilds model and data from the checkpoint alone and gives the validation numbers again
     assert "without --pretrained" not in log  # the demo trains from scratch by design: no warning
     result = evaluate.main(["--ckpt", str(tmp_path / "best.pt"), "--split", "valid", "--workers", "0", "--json", str(tmp_path / "r.json")])
@@ -78,12 +78,12 @@ def test_resume_continues_like_an_uninterrupted_run(synth120, tmp_path, capsys):
     assert [h["epoch"] for h in b["history"]] == [0, 1]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
-    # a last.pt from before the trunk had its own learning-rate group: refused with a message, not a traceback
+    # an optimizer state that does not fit the model (one parameter group where train.py has two): one line
     groups = b["optimizer"]["param_groups"]
     b["optimizer"]["param_groups"] = [dict(groups[1], params=groups[0]["params"] + groups[1]["params"])]
-    torch.save(b, tmp_path / "old.pt")
-    with pytest.raises(SystemExit, match="old.pt: written by an older train.py"):
-        train.main(common(synth120, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "old.pt")])
+    torch.save(b, tmp_path / "split" / "other.pt")
+    with pytest.raises(SystemExit, match="other.pt: its optimizer state does not fit the model"):
+        train.main(common(synth120, tmp_path / "split") + ["--epochs", "3", "--resume", str(tmp_path / "split" / "other.pt")])
     # a flag that shapes the model, given with --resume, must agree with the checkpoint: an error naming both values
     last = str(tmp_path / "split" / "last.pt")
     for flag, given, saved in (("--arch", "vit_r50_b16", "tiny"), ("--img-size", "64", "32"), ("--out-dim", "32", "16"),
@@ -118,10 +118,10 @@ def ddp_step_worker(rank, init_file, batch, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = CCA(CCAConfig(arch="tiny", num_conditions=3, img_size=32, out_dim=16))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(train.Objective(model, 0.2))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     half = [t[rank * 4:(rank + 1) * 4] for t in batch]
-    train.train_step(ddp, opt, *half, margin=0.2, use_amp=False)
+    train.train_step(ddp, opt, *half, use_amp=False)
     if rank == 0:
         torch.save(model.state_dict(), out)
     dist.destroy_process_group()
@@ -129,7 +129,7 @@ def ddp_step_worker(rank, init_file, batch, out):
 
 def test_ddp_step_on_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
     g = torch.Generator().manual_seed(1)
-    batch = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(3)] + [torch.randint(0, 3, (8,), generator=g)]
+    batch = [torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8) for _ in range(3)] + [torch.randint(0, 3, (8,), generator=g)]
     mp.spawn(ddp_step_worker, args=(str(tmp_path / "pg"), batch, str(tmp_path / "ddp.pt")), nprocs=2)
     torch.manual_seed(0)
     model = CCA(CCAConfig(arch="tiny", num_conditions=3, img_size=32, out_dim=16))
@@ -137,7 +137,7 @@ def test_ddp_step_on_two_ranks_equals_one_process_with_the_whole_batch(tmp_path)
     # SGD, not Adam: Adam's first step is about lr * sign(g), which turns float noise in near-zero
     # gradient entries into full-size differences; SGD keeps the parameters linear in the averaged gradient
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train.train_step(model, opt, *batch, margin=0.2, use_amp=False)
+    train.train_step(train.Objective(model, 0.2), opt, *batch, use_amp=False)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     moved = 0
     for k, v in model.state_dict().items():
@@ -206,12 +206,12 @@ def test_triplet_loss_is_eq9_with_cosine_distance():
 def test_csn_loss_with_its_regularisers_equals_the_written_out_form():
     torch.manual_seed(0)
     model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="csn"))
-    a, p, n = (torch.randn(4, 3, 32, 32) for _ in range(3))
+    a, p, n = (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8) for _ in range(3))
     c = torch.tensor([0, 3, 3, 1])
     # CSN's form (its main.py and csn.py): each image of the triplet embedded on its own; the Frobenius norm of a
     # (B, d) batch of unmasked embeddings over sqrt(B), averaged over the three; the L1 norm of the masks over B
     with torch.no_grad():
-        E = [model.head(model.norm(model.blocks[-1](model.trunk(t)))[:, 0]) for t in (a, p, n)]
+        E = [model.head(model.norm(model.blocks[-1](model.trunk(normalise(t))))[:, 0]) for t in (a, p, n)]
         mask = torch.relu(model.condition.mask[c])
         fa, fp, fn = (F.normalize(e * mask, dim=-1) for e in E)
         triplet = torch.clamp((fa * fn).sum(1) - (fa * fp).sum(1) + 0.1, min=0).mean()
@@ -220,9 +220,11 @@ def test_csn_loss_with_its_regularisers_equals_the_written_out_form():
     expected = triplet + 5e-3 * embed + 5e-4 * l1
     assert 5e-3 * embed > 1e-4 and 5e-4 * l1 > 1e-4  # both terms count
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False, csn_reg=(5e-3, 5e-4))
+    assert (model.condition.embed_reg, model.condition.mask_reg) == (5e-3, 5e-4)  # CSN's, unless train.py is told otherwise
+    loss, _ = train.train_step(train.Objective(model, 0.1), optimizer, a, p, n, c, False)
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
-    loss, _ = train.train_step(model, optimizer, a, p, n, c, 0.1, False)  # without: the triplet loss alone
+    model.condition.embed_reg = model.condition.mask_reg = 0.0
+    loss, _ = train.train_step(train.Objective(model, 0.1), optimizer, a, p, n, c, False)  # without: the triplet loss alone
     torch.testing.assert_close(loss, triplet, atol=1e-6, rtol=1e-5)
 
 
@@ -232,9 +234,9 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
         with pytest.raises(SystemExit) as e:
             train.parse_args(bad)
         assert e.value.code == 2
-    args = train.parse_args(common(synth120, tmp_path) + ["--batch-size", "64"])
+    args, _ = train.parse_args(common(synth120, tmp_path) + ["--batch-size", "64"])
     with pytest.raises(ValueError, match="does not divide over 3 ranks"):
-        train.train(args, rank=0, world=3, device=torch.device("cpu"))
+        train.train(args, None, rank=0, world=3, device=torch.device("cpu"))
     r = subprocess.run([sys.executable, "train.py", "--data", "fashionai", "--data-root", str(tmp_path / "nowhere")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode != 0 and "nowhere" in r.stderr and "Traceback" not in r.stderr
@@ -246,7 +248,7 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
     torch.save({"model": {}, "config": {}}, tmp_path / "partial.pt")  # a dict, but not train.py's
     with pytest.raises(SystemExit, match="partial.pt: not a train.py checkpoint .no meta, args, epoch, optimizer"):
         train.main(common(synth120, tmp_path) + ["--resume", str(tmp_path / "partial.pt")])
-    # a TF-ASEN checkpoint from before ASEN's module was followed: one line naming the keys, no traceback
+    # a TF-ASEN checkpoint whose weights have other names and shapes: one line naming the keys, no traceback
     sd = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen")).state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("condition.")}
     sd.update({"condition.attr_spatial.weight": torch.zeros(5, 128), "condition.attr_proj.weight": torch.zeros(128, 128)})
@@ -255,14 +257,14 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "old_asen.pt")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "old_asen.pt: the weights do not fit the asen model" in r.stderr and "condition.attr_proj.weight" in r.stderr
-    assert "condition.attr_spatial.weight (5, 128) vs (512, 5)" in r.stderr and "retrain" in r.stderr
+    assert "condition.attr_spatial.weight (5, 128) vs (512, 5)" in r.stderr
 
 
 def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
-    real, demo = train.parse_args(["--data", "fashionai"]), train.parse_args([])
+    real, demo = train.parse_args(["--data", "fashionai"])[0], train.parse_args([])[0]
     assert (real.arch, real.batch_size, real.lr, real.margin, real.epochs, real.trunk_warmup) == ("vit_r50_b16", 64, 1e-4, 0.2, 200, 0)
     assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 45, 625)
-    assert train.parse_args(["--margin", "0.3"]).margin == 0.3  # a flag beats either default
+    assert train.parse_args(["--margin", "0.3"])[0].margin == 0.3  # a flag beats either default
 
 
 def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth120, tmp_path):
@@ -482,17 +484,17 @@ def test_an_epoch_holds_every_step_when_negatives_are_redrawn_or_triplets_are_go
 
     import numpy as np
 
-    from data import TripletDataset
+    from data import training_set
 
     # DeepFashion-like labels: nearly every image also carries value 0 of every attribute, so that some negatives
-    # still share the anchor's value after the redraws; the in-memory batches then ran past the epoch (IndexError)
+    # still share the anchor's value after the redraws: the epoch is topped up to whole steps all the same
     root = str(tmp_path / "multi")
     shutil.copytree(synth120, root)
     lines = open(os.path.join(root, "label_train.txt")).read().splitlines()
     with open(os.path.join(root, "label_train.txt"), "w") as f:
         f.writelines(line + ("".join(f" {a} 0" for a in range(5)) if i % 20 else "") + "\n" for i, line in enumerate(lines))
-    ds = TripletDataset("synthetic", root, 32, 16, seed=0)
-    assert len(ds._draw_some(np.random.default_rng([0, 0]), 16)) < 16  # epoch 0's first draw falls short of 16
+    sampler, _ = training_set("synthetic", root, 32, 16, seed=0)
+    assert len(sampler._draw_some(np.random.default_rng([0, 0]), 16)) < 16  # epoch 0's first draw falls short of 16
     train.main(common(root, tmp_path / "a") + ["--epochs", "1", "--cache-images"])
     out = capsys.readouterr().out
     assert "2 steps of 8 triplets" in out and "step 2/2" in out
@@ -513,11 +515,11 @@ def corrupt_first_anchor(synth120, root):
     is not a JPEG any more; returns its path."""
     import shutil
 
-    from data import TripletDataset
+    from data import training_set
 
     shutil.copytree(synth120, root)
-    ds = TripletDataset("synthetic", root, 32, 16, seed=0)
-    path = ds.paths[ds.triplets[0, 0]]
+    sampler, store = training_set("synthetic", root, 32, 16, seed=0)
+    path = store.paths[sampler.epoch(0)[0, 0]]
     with open(path, "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 not a JPEG after all")
     return path
@@ -547,7 +549,7 @@ def test_user_errors_are_one_line_or_a_flag_error(synth120, tmp_path, capsys, mo
         assert e.value.code == 2 and says in capsys.readouterr().err
     ckpt = untrained_checkpoint(tmp_path / "demo.pt", synth120)
     with pytest.raises(SystemExit) as e:
-        visualize.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone did nothing and exited 0
+        visualize.main(["--ckpt", ckpt, "--attr", "colour"])  # --attr alone: nothing to draw, a flag error
     assert e.value.code == 2 and "--attr names the attribute for --retrieve" in capsys.readouterr().err
     if not torch.cuda.is_available():
         for main in (train.parse_args, lambda argv: evaluate.main(["--ckpt", ckpt] + argv),
@@ -564,7 +566,7 @@ def test_user_errors_are_one_line_or_a_flag_error(synth120, tmp_path, capsys, mo
     assert e.value.code.startswith(f"error: {readme}: cannot read as a PyTorch file") and "weights_only" not in e.value.code
     with pytest.raises(SystemExit, match=re.escape(f"error: {tmp_path} is a folder")):
         train.main(common(synth120, tmp_path / "run") + ["--resume", str(tmp_path)])
-    # weights that do not fit: one line from train.py (load_pretrained raised a KeyError, which it did not catch)
+    # weights that do not fit: one line from train.py
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match=r"error: .*other.pth: does not fit arch 'tiny'"):
         train.main(common(synth120, tmp_path / "run") + ["--pretrained", str(tmp_path / "other.pth")])
