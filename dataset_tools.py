@@ -329,7 +329,30 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
     if cat["bad"]:
         log(f"rows left out: {len(cat['bad'])}" + _examples(cat["bad"]))
 
-    # labels per image; the same (path, attribute) twice: once if the value agrees, dropped if it does not
+    by_image, duplicates, conflict_lines = _labels_by_image(cat, csv_path, log)
+    values = cat["values"] or {a: sorted({v for _, _, at, v in cat["labels"] if at == a}) for a in attributes}
+    empty = [a for a in attributes if not values[a]]
+    if empty:
+        log(f"attributes without a single label (left out): {', '.join(empty)}")
+        attributes = [a for a in attributes if values[a]]
+
+    paths = sorted(p for p, have in by_image.items() if have)
+    resolved, good, missing, unreadable = _readable(paths, image_root, workers, csv_path, log)
+    splits, files, counts, roles = _split(paths, resolved, by_image, attributes, values, good, seed, valid_frac, test_frac,
+                                          out, csv_path)
+    few = _report(attributes, values, splits, counts, roles, seed, csv_path, log)
+    meta = {"ATTRIBUTES": attributes, "ATTRIBUTES_NUM": {a: len(values[a]) for a in attributes},
+            "ATTRIBUTES_VALUES": values, "IMPORTED_FROM": os.path.abspath(csv_path), "SEED": seed}
+    _write_folder(out, files, meta)
+    log(f"wrote {out}; train with: python train.py --data custom --data-root {out} --pretrained WEIGHTS")
+    return dict(format=fmt, attributes=attributes, values=values, splits={s: len(v) for s, v in splits.items()},
+                missing=missing, unreadable=unreadable, duplicates=duplicates, conflicts=conflict_lines, bad=cat["bad"],
+                few=few)
+
+
+def _labels_by_image(cat, csv_path, log):
+    """{path: {attribute: value}}; the same (path, attribute) twice: once if the value agrees, dropped if it does not.
+    Returns it with the number of duplicates and a line per conflict."""
     by_image, duplicates, conflicted, conflict_lines = {}, 0, set(), []
     for n, path, attr, value in cat["labels"]:
         have = by_image.setdefault(path, {})
@@ -347,14 +370,11 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
     if conflict_lines:
         log(f"conflicting labels (one image, one attribute, two values): {len(conflict_lines)}, left unlabelled"
             + _examples(conflict_lines))
-    values = cat["values"] or {a: sorted({v for _, _, at, v in cat["labels"] if at == a}) for a in attributes}
-    empty = [a for a in attributes if not values[a]]
-    if empty:
-        log(f"attributes without a single label (left out): {', '.join(empty)}")
-        attributes = [a for a in attributes if values[a]]
+    return by_image, duplicates, conflict_lines
 
-    # every labelled image must be there and decode
-    paths = sorted(p for p, have in by_image.items() if have)
+
+def _readable(paths, image_root, workers, csv_path, log):
+    """Every labelled image must be there and decode: (resolved paths, indices of the good ones, missing, unreadable)."""
     resolved = [os.path.join(image_root, p) for p in paths]
     t0 = time.time()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # pillow decodes without the GIL: threads suffice
@@ -371,7 +391,12 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
         raise ValueError(f"{csv_path}: nothing usable: none of the {len(paths)} labelled images could be read "
                          f"(paths are taken relative to {image_root}; give --image-root)")
 
-    # split by image, then per attribute into queries and candidates
+    return resolved, good, missing, unreadable
+
+
+def _split(paths, resolved, by_image, attributes, values, good, seed, valid_frac, test_frac, out, csv_path):
+    """Split by image, then per attribute into queries and candidates: (splits, {file name: lines}, (split, value)
+    image counts, {(split, attribute): (queries, candidates)})."""
     rng = np.random.default_rng(seed)
     order = [good[i] for i in rng.permutation(len(good))]
     n_valid, n_test = (max(1, round(len(good) * f)) for f in (valid_frac, test_frac))
@@ -408,7 +433,13 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
         for role, r in rows.items():
             files[f"{role}_{s}.txt"] = [f"{fid} {a} {v}" for fid, a, v in sorted(r)]
 
-    # what it holds; what cannot give a triplet
+    return splits, files, counts, roles
+
+
+def _report(attributes, values, splits, counts, roles, seed, csv_path, log):
+    """Print what the folder will hold; return the values that cannot give a triplet; raise when no triplet can be
+    drawn or a split has no query."""
+    offset = np.cumsum([0] + [len(values[a]) for a in attributes])
     log(f"split (seed {seed}): train {len(splits['train'])}, valid {len(splits['valid'])}, test {len(splits['test'])} images")
     log(f"{'attribute':<20} {'value':<24} {'train':>6} {'valid':>6} {'test':>6}")
     few, drawable = [], []
@@ -432,21 +463,20 @@ def import_catalogue(csv_path, out, image_root=None, seed=0, fmt="auto", valid_f
         raise ValueError(f"{csv_path}: nothing usable for evaluation: no query in the {' and '.join(no_query)} split "
                          f"(no attribute is labelled on 2 of its images); raise --valid-frac / --test-frac or add labels")
 
+    return few
+
+
+def _write_folder(out, files, meta):
+    """The split files, then meta.json last: its presence marks a finished folder."""
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "meta.json")):  # an earlier import: unfinished until the new meta.json
         os.remove(os.path.join(out, "meta.json"))
     for name, lines in files.items():
         _write_text(os.path.join(out, name), lines)
-    meta = {"ATTRIBUTES": attributes, "ATTRIBUTES_NUM": {a: len(values[a]) for a in attributes},
-            "ATTRIBUTES_VALUES": values, "IMPORTED_FROM": os.path.abspath(csv_path), "SEED": seed}
     with open(os.path.join(out, "meta.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
         f.write("\n")
     os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # last: marks a finished folder
-    log(f"wrote {out}; train with: python train.py --data custom --data-root {out} --pretrained WEIGHTS")
-    return dict(format=fmt, attributes=attributes, values=values, splits={s: len(v) for s, v in splits.items()},
-                missing=missing, unreadable=unreadable, duplicates=duplicates, conflicts=conflict_lines, bad=cat["bad"],
-                few=few)
 
 
 def add_import_parser(sub):
