@@ -102,6 +102,22 @@ def test_resume_continues_like_an_uninterrupted_run(synth120, tmp_path, capsys):
     assert torch.load(last, weights_only=True)["history"] == b["history"]  # untouched
 
 
+def test_resume_takes_its_data_recipe_and_folder_from_the_checkpoint(synth120, tmp_path, capsys, monkeypatch):
+    """--resume alone: the run's --data-root, --num-triplets, recipe and --out-dir come from the checkpoint (never the
+    defaults, which would train on other data and overwrite another run's files); --epochs may be given anew."""
+    run = tmp_path / "run"
+    train.main(common(synth120, run) + ["--epochs", "1", "--lr", "3e-4", "--margin", "0.15"])
+    monkeypatch.chdir(tmp_path)  # the defaults would be data/synthetic and runs/synthetic here
+    train.main(["--resume", str(run / "last.pt"), "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "2 steps of 8 triplets per epoch" in out and "epoch 2/2 step 2/2" in out  # 16 triplets of 8, not the demo's
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "data")
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and (ckpt["args"]["lr"], ckpt["args"]["margin"], ckpt["args"]["data_root"]) == (3e-4, 0.15, synth120)
+    with pytest.raises(SystemExit, match=r"error: --margin 0.2 conflicts with .*last.pt, trained with --margin 0.15"):
+        train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--margin", "0.2"])
+
+
 def test_torchrun_two_ranks_gloo(synth120, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            *common(synth120, tmp_path), "--epochs", "1", "--device", "cpu"]
