@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import struct
 import zipfile
 from dataclasses import asdict, dataclass
@@ -773,10 +774,31 @@ RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resum
 
 def save_atomic(obj, path):
     """torch.save to a temporary name beside `path` (one of this process's own), then rename: the file at `path` is
-    always a whole one."""
+    always a whole one. A write that fails (a full disk, a read-only folder) removes the temporary file, leaves the
+    file at `path` as it was, and raises OSError saying where and how much was needed."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos ...")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(f"{path}: not written ({cause}); it needs about {tensor_bytes(obj) / 2**20:,.0f} MiB, "
+                      f"{free / 2**20:,.0f} MiB are free in {folder}; any earlier file there is intact") from None
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nest of dicts, lists and tuples: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):
@@ -870,6 +892,9 @@ if __name__ == "__main__":
             raise SystemExit(f"error: {e}")
     else:
         for t in (1, 2):
-            m = CCA(CCAConfig(arch=args.arch, num_conditions=args.num_conditions, condition_type=t, img_size=args.img_size))
+            try:
+                m = CCA(CCAConfig(arch=args.arch, num_conditions=args.num_conditions, condition_type=t, img_size=args.img_size))
+            except ValueError as e:  # -K 0, an image size the stem cannot take
+                raise SystemExit(f"error: {e}")
             print(f"{args.arch} type-{t}: total {count_parameters(m):,}; backbone {count_parameters(m) - count_parameters(m.condition) - count_parameters(m.head):,}; "
                   f"condition token {count_parameters(m.condition):,}; head {count_parameters(m.head):,}")

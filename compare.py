@@ -47,7 +47,7 @@ import visualize
 from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset
 from evaluate import chance_map, embed_split, mean_average_precision, split_map
-from runtime import default_device, device_arg, error_message, fmt_time
+from runtime import default_device, device_arg, error_message, fmt_time, number
 from synthetic import SHAPE_CLASSES, make_shapes
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -119,9 +119,9 @@ def main(argv=None):
     p.add_argument("--data", default="synthetic", choices=[d for d in DATASETS if d != "zappos"], help="an mAP dataset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="which methods to run")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for every method (default: train.py's for the dataset)")
+    p.add_argument("--epochs", type=number(int, 1), default=None, help="epochs for every method (default: train.py's for the dataset)")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="the split scored")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="every method is trained once per seed")
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="every method is trained once per seed")
     p.add_argument("--pretrained", default=None, help="start every method from this trunk ('compare.py pretrain' or 'cca.py convert' .pt), "
                                                       "with --trunk-warmup 0")
     p.add_argument("--out-dir", default=None, help="where the runs and the table go (default: runs/compare, or runs/compare-pretrained "
@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,
                    help="a listed valid or test image that is missing: error (default), or drop: score without it, the "
                         "table then marked not comparable with published numbers")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=number(int, 1), default=1,
                    help="trainings run at once, each in its own train.py process with its output in OUT_DIR/seedS/NAME/train.log "
                         "(default: 1, in this process). The tiny models leave a GPU mostly idle: several share it well")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
@@ -260,18 +260,18 @@ def pretrain(argv=None):
     p = argparse.ArgumentParser(prog="compare.py pretrain", description=pretrain.__doc__)
     p.add_argument("--out", default=os.path.join("runs", "pretrain", "tiny.pt"), help="the backbone file written")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCH_SIZES), help="backbone size (the comparison's: tiny)")
-    p.add_argument("--img-size", type=int, default=32, help="input size (the comparison's: 32)")
-    p.add_argument("--num-train", type=int, default=12_000, help="training images, drawn once")
-    p.add_argument("--num-test", type=int, default=2_400, help="held-out images (another draw) for the accuracy")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training images")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate, after a linear warm-up over the first epoch, "
+    p.add_argument("--img-size", type=number(int, 1), default=32, help="input size (the comparison's: 32)")
+    p.add_argument("--num-train", type=number(int, 1), default=12_000, help="training images, drawn once")
+    p.add_argument("--num-test", type=number(int, 1), default=2_400, help="held-out images (another draw) for the accuracy")
+    p.add_argument("--epochs", type=number(int, 1), default=10, help="passes over the training images")
+    p.add_argument("--batch-size", type=number(int, 1), default=128, help="images per step")
+    p.add_argument("--lr", type=number(float, above=0), default=5e-4, help="Adam learning rate, after a linear warm-up over the first epoch, "
                                                           "then a cosine decay to 0")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images and of the weights")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the images and of the weights")
+    p.add_argument("--workers", type=number(int, 1), default=min(8, os.cpu_count() or 1),
                    help="processes drawing the images (default: the cores, at most 8; the images do not depend on it)")
     p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--log-every", type=number(int, 1), default=20, help="steps between progress lines")
     args = p.parse_args(argv)
     for k in ("num_train", "num_test", "epochs", "batch_size", "log_every"):
         if getattr(args, k) < 1:

@@ -26,6 +26,7 @@ from data import (DATASETS, FASHIONAI_VALUE_NAMES, HINTS, PREPARED_VERSION, ZAPP
                   fingerprint, load_meta, looks_like, prepare_dataset, prepared_files, prepared_names, read_filenames,
                   read_image, read_items, read_labels, read_zappos_triplets, required_files, zappos_paths)
 from evaluate import chance_ap
+from runtime import number, output_folder
 from synthetic import make_synthetic
 
 
@@ -62,7 +63,7 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
         if size > free:
             raise OSError(f"{npy}: needs {size / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free there")
         print(f"{split}: {n} images at {img_size} px into {npy} ({size / 2**20:,.0f} MiB), {workers} processes", flush=True)
-        tmp = f"{npy}.tmp{os.getpid()}"
+        tmp, head_tmp = f"{npy}.{os.getpid()}.tmp", f"{head}.{os.getpid()}.tmp"
         try:
             # writes the .npy header and n zero rows (a sparse file); the workers fill the rows in place
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, 3, img_size, img_size)).flush()
@@ -82,14 +83,14 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
                           fingerprint=fingerprint(names), missing=sorted(missing), unreadable=sorted(unreadable),
                           layout="(count, 3, S, S) uint8 RGB; row i is read_image of the split's i-th image",
                           made=time.strftime("%Y-%m-%d %H:%M:%S"))
-            with open(head + ".tmp", "w", encoding="utf-8") as f:
+            with open(head_tmp, "w", encoding="utf-8") as f:
                 json.dump(header, f)
             if os.path.exists(head):
                 os.remove(head)  # the old header goes first: an interruption leaves an array without one, refused
             os.replace(tmp, npy)
-            os.replace(head + ".tmp", head)
+            os.replace(head_tmp, head)
         finally:
-            for p in (tmp, head + ".tmp"):
+            for p in (tmp, head_tmp):
                 if os.path.exists(p):
                     os.remove(p)
         print(f"{split}: wrote {npy} in {time.time() - t0:.1f} s")
@@ -295,9 +296,10 @@ def _image_problem(path):
 
 
 def _write_text(path, lines):
-    with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # this process's own: another writer of the folder has another
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(line + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _examples(items, k=5):
@@ -473,10 +475,15 @@ def _write_folder(out, files, meta):
         os.remove(os.path.join(out, "meta.json"))
     for name, lines in files.items():
         _write_text(os.path.join(out, name), lines)
-    with open(os.path.join(out, "meta.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))  # last: marks a finished folder
+    _write_text(os.path.join(out, "meta.json"), [json.dumps(meta, indent=1, ensure_ascii=False)])  # last: marks a finished folder
+
+
+def refuse_to_overwrite(out, overwrite):
+    """A dataset's folder is written only when it holds none (no meta.json) or --overwrite says so; never a file."""
+    output_folder(out, "--out folder")
+    if os.path.exists(os.path.join(out, "meta.json")) and not overwrite:
+        raise FileExistsError(f"{out}: holds a dataset already (its meta.json): give --overwrite to replace it, or "
+                              "another --out")
 
 
 def add_import_parser(sub):
@@ -487,14 +494,16 @@ def add_import_parser(sub):
                                                        "fashionai: the folder above Annotations/)")
     p.add_argument("--format", default="auto", choices=IMPORT_FORMATS, help="CSV layout (auto: long or wide by the header, "
                                                                             "fashionai by its y/n/m labels)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split: the same seed and rows give the same files")
-    p.add_argument("--valid-frac", type=float, default=0.1, help="share of the images in the validation split")
-    p.add_argument("--test-frac", type=float, default=0.1, help="share of the images in the test split")
-    p.add_argument("--workers", type=int, default=8, help="threads decoding images to check them")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the split: the same seed and rows give the same files")
+    p.add_argument("--valid-frac", type=number(float, above=0), default=0.1, help="share of the images in the validation split")
+    p.add_argument("--test-frac", type=number(float, above=0), default=0.1, help="share of the images in the test split")
+    p.add_argument("--workers", type=number(int, 1), default=8, help="threads decoding images to check them")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
 
 def run_import(args):
     try:
+        refuse_to_overwrite(args.out, args.overwrite)
         import_catalogue(args.csv, args.out, args.image_root, args.seed, args.format, args.valid_frac, args.test_frac,
                          args.workers)
     except (OSError, ValueError) as e:
@@ -509,12 +518,13 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write the synthetic dataset in the ASEN format")
     p.add_argument("--out", default="data/synthetic", help="output folder")
-    p.add_argument("--num-train", type=int, default=6000, help="training images")
-    p.add_argument("--num-query", type=int, default=400, help="queries in each of valid and test")
-    p.add_argument("--num-candidate", type=int, default=1600, help="candidates in each of valid and test")
-    p.add_argument("--seed", type=int, default=0, help="seed: the same seed writes the same bytes")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--workers", type=int, default=2, help="processes drawing images (output does not depend on it)")
+    p.add_argument("--num-train", type=number(int, 2), default=6000, help="training images")
+    p.add_argument("--num-query", type=number(int, 1), default=400, help="queries in each of valid and test")
+    p.add_argument("--num-candidate", type=number(int, 1), default=1600, help="candidates in each of valid and test")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed: the same seed writes the same bytes")
+    p.add_argument("--size", type=number(int, 8), default=64, help="image side in pixels")
+    p.add_argument("--workers", type=number(int, 1), default=2, help="processes drawing images (output does not depend on it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p = sub.add_parser("check", help="count, validate and look for every image of a dataset")
     p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset name")
     p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME)")
@@ -522,18 +532,20 @@ if __name__ == "__main__":
     p = sub.add_parser("prepare", help="decode every image once into uint8 arrays that training and evaluation map")
     p.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset name")
     p.add_argument("--data-root", default=None, help="dataset folder (default data/NAME); the arrays go to its prepared/")
-    p.add_argument("--img-size", type=int, required=True, help="the image size the model is trained at (train.py --img-size)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: one per CPU)")
+    p.add_argument("--img-size", type=number(int, 1), required=True, help="the image size the model is trained at (train.py --img-size)")
+    p.add_argument("--workers", type=number(int, 1), default=os.cpu_count(), help="decoding processes (default: one per CPU)")
     add_import_parser(sub)  # dataset_tools.py import
     args = parser.parse_args()
     if args.command == "import":
         sys.exit(run_import(args))
     if args.command == "synth":
-        make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
-                       args.workers)
+        try:
+            refuse_to_overwrite(args.out, args.overwrite)
+            make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
+                           args.workers)
+        except OSError as e:
+            sys.exit(f"error: {e}")
     elif args.command == "prepare":
-        if args.img_size < 1 or args.workers < 1:
-            parser.error("--img-size and --workers must be at least 1")
         try:
             prepare_images(args.data, prepare_dataset(args.data, args.data_root)[0], args.img_size, args.workers)
         except (OSError, ValueError) as e:

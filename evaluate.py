@@ -29,7 +29,7 @@ import numpy as np
 from cca import load_checkpoint
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, check_eval_images, describe_images, identify, looks_like, normalise,
                   prepare_dataset, read_items)
-from runtime import autocast, default_device, device_arg, error_message, evaluating
+from runtime import autocast, default_device, device_arg, error_message, evaluating, number
 
 # -----------------------------------------------------------------------------
 # Metrics (ASEN's attribute-specific mAP; CSN's triplet accuracy on Zappos50K).
@@ -362,6 +362,9 @@ def open_split(args):
     meta = ckpt["meta"]
     name = meta["name"]
     root = args.data_root or ckpt["args"]["data_root"]
+    if args.data_root and name != "zappos" and not os.path.isfile(os.path.join(root, "meta.json")):
+        # never a synthetic set drawn anew where a mistyped path points: it would be scored as if it were the data
+        raise SystemExit(f"error: --data-root {root}: no dataset there (no meta.json)")
     found = identify(root)
     if found and name not in found:  # e.g. a demo checkpoint with --data-root of a real dataset
         raise SystemExit(f"error: {args.ckpt} was trained on {name}, but {looks_like(root, found)}: give --data-root "
@@ -390,8 +393,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="a best.pt or last.pt written by train.py")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which split to score")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--batch-size", type=number(int, 1), default=128, help="images per batch")
+    p.add_argument("--workers", type=number(int, 0), default=2, help="data-loading processes")
     p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--eval-missing", default="error", choices=EVAL_MISSING,

@@ -106,6 +106,37 @@ def device_arg(text):
     return text
 
 
+def number(kind=int, low=None, above=None, high=None):
+    """argparse type of a numeric flag: `kind` (int or float), at least `low`, above `above`, at most `high`; a value
+    outside is a flag error naming the bound, before anything runs. The one check every command's numbers share."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if above is not None and not v > above:
+            raise argparse.ArgumentTypeError(f"must be above {above}, got {text}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def output_folder(path, what="output folder"):
+    """Refuse, with one line, an output folder that is a file or cannot be written; create it when missing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: is a file, not a folder: give a folder as the {what}")
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path}: the {what} cannot be written (read-only?)")
+    return path
+
+
 def model_device(model):
     """The device a model's weights are on."""
     return next(model.parameters()).device

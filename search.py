@@ -36,13 +36,16 @@ The index file holds no pickle (an index may come from someone else) and is writ
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -52,7 +55,8 @@ import torch.distributed as dist
 from cca import load_checkpoint
 from data import IMAGE_EXTENSIONS, load_image, load_meta, normalise, read_filenames, read_image, read_labels
 from evaluate import gather_by_index, shard
-from runtime import autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, model_device, setup
+from runtime import (autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, model_device, number,
+                     setup)
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -123,8 +127,10 @@ def read_index(path):
         raise FileNotFoundError(f"index not found: {path}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt index header: {e}") from None
-    if header.get("version") != VERSION:
-        raise ValueError(f"{path}: index version {header.get('version')}, this search.py reads version {VERSION}")
+    if not isinstance(header, dict) or header.get("version") != VERSION:
+        version = header.get("version") if isinstance(header, dict) else None
+        raise ValueError(f"{path}: index version {version}, this search.py reads version {VERSION}")
+    check_header(path, header)
     K, N, D = header["shape"]
     if DATA_OFFSET + 2 * K * N * D + n_header + 16 != size:
         raise ValueError(f"{path}: corrupt index: {size} bytes, the header describes {K} x {N} x {D} float16 vectors")
@@ -135,12 +141,24 @@ def read_index(path):
     return Index(path, header, embeddings)
 
 
-def _new_file(path, K, N, D):
-    """Start an index file at `path`: the leading mark, then room for (K, N, D) float16 vectors (a sparse file until
-    written); returns them memory-mapped for writing."""
+def _new_file(path, K, N, D, filled=None):
+    """Start an index file at `path`: the leading mark, then room for (K, N, D) float16 vectors; returns them
+    memory-mapped for writing. The first `filled` attributes' blocks (default all K) are allocated on disk now, so
+    that a full disk is an OSError here, not a SIGBUS when the mapping is written; the rest stay holes."""
+    filled = K if filled is None else filled
     with open(path, "wb") as f:
         f.write(MAGIC.ljust(DATA_OFFSET, b"\0"))
         f.truncate(DATA_OFFSET + 2 * K * N * D)
+        try:
+            os.posix_fallocate(f.fileno(), DATA_OFFSET, 2 * filled * N * D)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                os.remove(path)
+                free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+                raise OSError(f"{path}: no room for the index: it needs {2 * filled * N * D / 2**20:,.0f} MiB, "
+                              f"{free / 2**20:,.0f} MiB are free") from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: written as mapped
+                raise
     return np.memmap(path, dtype="<f2", mode="r+", offset=DATA_OFFSET, shape=(K, N, D))
 
 
@@ -152,9 +170,44 @@ def _header(D, paths, attributes, values, labels=None, failed=(), checkpoint=Non
                 checkpoint=checkpoint or dict(sha256=None, config={}), img_size=img_size)
 
 
+@contextmanager
+def removed_on_error(path):
+    """Inside the block, any exception (KeyboardInterrupt too) removes the file at `path` on its way out."""
+    try:
+        yield
+    except BaseException:
+        if os.path.exists(path):
+            os.remove(path)
+        raise
+
+
 def _tmp_name(out):
     """A temporary name beside `out` that no other process writing `out` at the same time shares."""
     return f"{out}.{os.getpid()}.tmp"
+
+
+def check_header(path, header):
+    """Refuse, naming the file, a header that lacks a field or whose fields disagree with each other: an index may
+    come from someone else, and a query must not fail deep inside with a KeyError or an IndexError."""
+    missing = [k for k in ("shape", "paths", "attributes", "values", "labels", "failed", "checkpoint") if k not in header]
+    if missing:
+        raise ValueError(f"{path}: corrupt index header: no {', '.join(missing)}")
+    shape, paths, attrs, values, labels = (header[k] for k in ("shape", "paths", "attributes", "values", "labels"))
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) and x >= 0 for x in shape)):
+        raise ValueError(f"{path}: corrupt index header: shape {shape!r} is not [K, N, D]")
+    K, N, D = shape
+    if not (isinstance(paths, list) and len(paths) == N and isinstance(attrs, list) and len(attrs) == K
+            and isinstance(values, list) and len(values) == K and all(isinstance(v, list) for v in values)):
+        raise ValueError(f"{path}: corrupt index header: shape {shape} does not match its paths, attributes and value "
+                         "lists")
+    if labels is not None:
+        rows = np.array(labels)
+        counts = np.array([len(v) for v in values], dtype=np.int64)
+        if rows.shape != (N, K) or (N and rows.dtype.kind != "i") or (N and ((rows < -1) | (rows >= counts)).any()):
+            raise ValueError(f"{path}: corrupt index header: its labels are not one value index (or -1) per image "
+                             f"and attribute of its {N} images and {K} attributes")
+    if not isinstance(header["checkpoint"], dict) or "sha256" not in header["checkpoint"]:
+        raise ValueError(f"{path}: corrupt index header: no checkpoint identity (sha256)")
 
 
 def _finish_file(tmp, out, header, n_rows, keep):
@@ -191,11 +244,12 @@ def write_index(out, embeddings, paths, attributes, values, labels=None, checkpo
         raise ValueError(f"embeddings {e.shape} need N = {N} paths and K = {K} attributes and value lists, got "
                          f"{len(paths)}, {len(attributes)}, {len(values)}")
     tmp = _tmp_name(out)
-    emb = _new_file(tmp, K, N, D)
-    emb[:] = e
-    emb.flush()
-    del emb
-    _finish_file(tmp, out, _header(D, paths, attributes, values, labels, failed, checkpoint, img_size), N, np.arange(N))
+    with removed_on_error(tmp):
+        emb = _new_file(tmp, K, N, D)
+        emb[:] = e
+        emb.flush()
+        del emb
+        _finish_file(tmp, out, _header(D, paths, attributes, values, labels, failed, checkpoint, img_size), N, np.arange(N))
     return read_index(out)
 
 # -----------------------------------------------------------------------------
@@ -243,51 +297,52 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
     window = batch_size * world_size  # step j's batches hold the images j * window .. (j + 1) * window - 1
     steps = math.ceil(math.ceil(n / world_size) / batch_size)  # the same on every rank: the gathers pair up
     tmp = _tmp_name(out)
-    if rank == 0:
-        emb = _new_file(tmp, K, n, D)
-    errors, batches = [], iter(loader)
-    t0 = t_log = time.time()
-    with evaluating(model):
-        for step in range(steps):
-            batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
-            if batch is not None:
-                images, idx, why = batch
-                with autocast(device):
-                    e = model.embed_all(normalise(images.to(device, non_blocking=True)))  # (b, K, D), unit norm
-                e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
-                errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
+    with removed_on_error(tmp):  # an error or Ctrl-C while indexing leaves no temporary file
+        if rank == 0:
+            emb = _new_file(tmp, K, n, D)
+        errors, batches = [], iter(loader)
+        t0 = t_log = time.time()
+        with evaluating(model):
+            for step in range(steps):
+                batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
+                if batch is not None:
+                    images, idx, why = batch
+                    with autocast(device):
+                        e = model.embed_all(normalise(images.to(device, non_blocking=True)))  # (b, K, D), unit norm
+                    e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
+                    errors += [(int(i), w) for i, w in zip(idx.tolist(), why) if w]
+                else:
+                    e, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
+                start = step * window
+                m = min(window, n - start)
+                g = gather_by_index(e, idx - start, m)  # (m, K * D) in image order
+                if rank == 0:
+                    emb[:, start:start + m] = g.view(m, K, D).transpose(0, 1).cpu().numpy()
+                    now = time.time()
+                    if now - t_log >= log_every or step + 1 == steps:
+                        done = start + m
+                        rate = done / (now - t0)
+                        log(f"indexed {done}/{n} images, {rate:.1f} img/s, eta {fmt_time((n - done) / rate)}")
+                        t_log = now
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, errors)
+            errors = sorted(e for part in gathered for e in part)
+        failed = [[paths[i], why] for i, why in sorted(errors)]
+        if rank == 0:
+            emb.flush()
+            del emb
+            bad = {i for i, _ in errors}
+            keep = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
+            if len(keep) == 0:
+                os.remove(tmp)
             else:
-                e, idx = torch.empty(0, K * D, dtype=torch.float16, device=device), torch.empty(0, dtype=torch.long, device=device)
-            start = step * window
-            m = min(window, n - start)
-            g = gather_by_index(e, idx - start, m)  # (m, K * D) in image order
-            if rank == 0:
-                emb[:, start:start + m] = g.view(m, K, D).transpose(0, 1).cpu().numpy()
-                now = time.time()
-                if now - t_log >= log_every or step + 1 == steps:
-                    done = start + m
-                    rate = done / (now - t0)
-                    log(f"indexed {done}/{n} images, {rate:.1f} img/s, eta {fmt_time((n - done) / rate)}")
-                    t_log = now
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, errors)
-        errors = sorted(e for part in gathered for e in part)
-    failed = [[paths[i], why] for i, why in sorted(errors)]
-    if rank == 0:
-        emb.flush()
-        del emb
-        bad = {i for i, _ in errors}
-        keep = np.array([i for i in range(n) if i not in bad], dtype=np.int64)
-        if len(keep) == 0:
-            os.remove(tmp)
-        else:
-            header = _header(D, [paths[i] for i in keep], meta["attributes"], meta["values"],
-                             None if labels is None else np.asarray(labels)[keep], failed, identity, S)
-            _finish_file(tmp, out, header, n, keep)
-        if failed:
-            log(f"left out {len(failed)} of {n} images that could not be read:" + "".join(f"\n  {w}" for _, w in failed[:20])
-                + (f"\n  ... ({len(failed) - 20} more, all in the index's 'failed' list)" if len(failed) > 20 else ""))
+                header = _header(D, [paths[i] for i in keep], meta["attributes"], meta["values"],
+                                 None if labels is None else np.asarray(labels)[keep], failed, identity, S)
+                _finish_file(tmp, out, header, n, keep)
+            if failed:
+                log(f"left out {len(failed)} of {n} images that could not be read:" + "".join(f"\n  {w}" for _, w in failed[:20])
+                    + (f"\n  ... ({len(failed) - 20} more, all in the index's 'failed' list)" if len(failed) > 20 else ""))
     if len(failed) == n:
         raise ValueError(f"{out}: none of the {n} images could be read, e.g. {failed[0][1]}")
     if world_size > 1:
@@ -432,7 +487,7 @@ def bench(num_images, num_attributes, out_dims, folder, queries=5, device=None):
     for D in out_dims:
         path = os.path.join(folder, f"bench_{N}_{K}_{D}.idx")
         t0 = time.time()
-        emb = _new_file(path, K, N, D)
+        emb = _new_file(path, K, N, D, filled=2)
         for a in range(2):
             for s in range(0, N, 1 << 16):
                 x = rng.standard_normal((min(1 << 16, N - s), D), dtype=np.float32)
@@ -539,8 +594,8 @@ def main(argv=None):
     q.add_argument("--data-root", default=None, help="or: a labelled ASEN-format folder (dataset_tools.py import writes one) ...")
     q.add_argument("--split", default="test", choices=("train", "valid", "test"), help="... and its split, whose value names query shows")
     q.add_argument("--out", required=True, help="the index file to write")
-    q.add_argument("--batch-size", type=int, default=64, help="images per batch per rank")
-    q.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank")
+    q.add_argument("--batch-size", type=number(int, 1), default=64, help="images per batch per rank")
+    q.add_argument("--workers", type=number(int, 0), default=4, help="image-decoding processes per rank")
     q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     q = sub.add_parser("query", help="rank an index's images by similarity to a query image under attributes")
     q.add_argument("--index", required=True, help="an index file written by 'search.py index'")
@@ -548,22 +603,20 @@ def main(argv=None):
     q.add_argument("--image", required=True, help="the query image (any file)")
     q.add_argument("--attr", action="append", required=True, help="an attribute name; repeat for several")
     q.add_argument("--weight", action="append", type=float, default=None, help="the weight of each --attr, in order (default 1 each)")
-    q.add_argument("--topk", type=int, default=10, help="results to show")
+    q.add_argument("--topk", type=number(int, 1), default=10, help="results to show")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--out", default=None, help="draw the query and its results into this PNG")
     q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cpu: the index is read from its file)")
     q = sub.add_parser("bench", help="query latency against a large gallery of random vectors")
-    q.add_argument("--num-images", type=int, default=1_000_000, help="gallery size N")
-    q.add_argument("--num-attributes", type=int, default=8, help="K")
-    q.add_argument("--out-dim", type=int, nargs="+", default=[128, 1024], help="embedding widths to measure")
-    q.add_argument("--queries", type=int, default=5, help="timed queries after the first")
+    q.add_argument("--num-images", type=number(int, 10), default=1_000_000, help="gallery size N (at least the top 10 shown)")
+    q.add_argument("--num-attributes", type=number(int, 2), default=8, help="K (at least the 2 that a query combines)")
+    q.add_argument("--out-dim", type=number(int, 1), nargs="+", default=[128, 1024], help="embedding widths to measure")
+    q.add_argument("--queries", type=number(int, 1), default=5, help="timed queries after the first")
     q.add_argument("--dir", default=tempfile.gettempdir(), help="where the temporary index files go (deleted after)")
     q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.command == "index" and bool(args.images) == bool(args.data_root):
         p.error("give the gallery as --images DIR_OR_LIST, or as --data-root DIR [--split S]")
-    if args.command == "index" and (args.batch_size < 1 or args.workers < 0):
-        p.error("--batch-size must be at least 1 and --workers at least 0")
     try:
         if args.command == "index":
             run_index(args)

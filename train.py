@@ -185,6 +185,10 @@ def resolve(given, resume=None):
     for k in ("lr", "lr_decay"):
         if not getattr(args, k) > 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
+    need, have = 96 * args.num_triplets, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:  # an epoch's draw holds about a dozen int64 arrays of num_triplets
+        raise ValueError(f"--num-triplets {args.num_triplets}: drawing an epoch needs about {need / 2**30:,.0f} GiB of "
+                         f"memory, this machine has {have / 2**30:,.0f} GiB")
     try:
         CCAConfig(arch=args.arch, img_size=args.img_size)
     except ValueError as e:

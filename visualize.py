@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cca import load_checkpoint, method_title
 from data import EVAL_MISSING, MEAN, STD, load_image
 from evaluate import embed_items, embed_split, open_split
-from runtime import autocast, device_arg, error_message, evaluating, model_device
+from runtime import autocast, device_arg, error_message, evaluating, model_device, number
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -509,12 +509,12 @@ def main(argv=None):
     p.add_argument("--attention", nargs="+", default=[], metavar="IMG", help="attention of every attribute over these images (paper Fig. 4)")
     p.add_argument("--retrieve", default=None, metavar="IMG", help="an image (any file) to retrieve for, among the split's candidates")
     p.add_argument("--attr", default=None, help="the attribute name for --retrieve")
-    p.add_argument("--topk", type=int, default=5, help="results shown by --retrieve")
+    p.add_argument("--topk", type=number(int, 1), default=5, help="results shown by --retrieve")
     p.add_argument("--embeddings", action="store_true", help="2-D projections of the split's embeddings per attribute (paper Fig. 5)")
     p.add_argument("--compare", nargs="*", default=[], metavar="CKPT", help="more checkpoints drawn beside this one by --embeddings")
     # system
-    p.add_argument("--batch-size", type=int, default=128, help="images per batch when embedding the split")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--batch-size", type=number(int, 1), default=128, help="images per batch when embedding the split")
+    p.add_argument("--workers", type=number(int, 0), default=2, help="data-loading processes")
     p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.retrieve and not args.attr:
@@ -548,7 +548,14 @@ def draw(args, model, meta, root, device) -> dict:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
     os.makedirs(out, exist_ok=True)
     stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
-    others = [load_checkpoint(p, device)[0] for p in args.compare]  # before any long work
+    others = []
+    for path in args.compare:  # before any long work: each must embed the same attributes of the same split
+        other, ckpt = load_checkpoint(path, device)
+        if ckpt["meta"]["attributes"] != meta["attributes"] or other.cfg.img_size != model.cfg.img_size:
+            raise ValueError(f"{path}: trained on {ckpt['meta']['name']} with attributes {ckpt['meta']['attributes']} at "
+                             f"{other.cfg.img_size} px; {args.ckpt} on {meta['name']} with {meta['attributes']} at "
+                             f"{model.cfg.img_size} px: --compare needs checkpoints of the same data and size")
+        others.append(other)
     drawn = {}
     if args.attention:
         drawn["attention"] = [attention_figure(model, img, meta, os.path.join(out, f"attention_{stem(img)}.png")) for img in args.attention]

@@ -1,0 +1,211 @@
+"""Bad input and failed writes, as a user meets them: each ends in one `error: ...` line (or an argparse flag
+error) and a non-zero exit, and nothing is left half-written.
+
+    python -m pytest -q tests/test_errors.py
+"""
+import errno
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import cca
+import evaluate
+import search
+import train
+import visualize
+from cca import CCA, CCAConfig, save_checkpoint
+from data import prepare_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(script, argv, monkeypatch):
+    """A script's command line, run in this process: its SystemExit's code or message, None if it ended without one."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def one_line_error(code):
+    return isinstance(code, str) and code.startswith("error: ") and len(code.splitlines()) == 1
+
+
+def tiny_checkpoint(path, root, out_dim=16):
+    meta = prepare_dataset("synthetic", root)[1]
+    cfg = CCAConfig(arch="tiny", num_conditions=len(meta["attributes"]), img_size=32, out_dim=out_dim)
+    torch.save(dict(model=CCA(cfg).state_dict(), config=asdict(cfg), meta=meta, args={"data_root": root}, epoch=0), path)
+    return str(path)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(synth, tmp_path, monkeypatch):
+    model = CCA(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16))
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    args = train.parse_args(["--data-root", synth])[0]
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, model, opt, sched, 0, 0.5, args, {"name": "synthetic"}, [])
+    before = torch.load(path, weights_only=True)
+    real_save = torch.save
+
+    def full_disk(obj, f):  # writes part of the file, then fails as torch.save does on a full disk
+        real_save({"part": torch.zeros(10)}, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 448 vs 342")
+
+    monkeypatch.setattr(cca.torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(path, model, opt, sched, 1, 0.6, args, {"name": "synthetic"}, [])
+    text = str(e.value)
+    assert text.startswith(f"{path}: not written ([enforce fail") and "MiB are free in" in text and "intact" in text
+    assert len(text.splitlines()) == 1 and os.listdir(tmp_path) == ["last.pt"]  # no temporary file left
+    after = torch.load(path, weights_only=True)
+    assert after["epoch"] == 0 and all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+    # train.py says so in one line
+    monkeypatch.setattr(cca.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data-root", synth, "--out-dir", str(tmp_path / "run"), "--img-size", "32", "--out-dim", "16",
+                    "--batch-size", "8", "--num-triplets", "8", "--epochs", "1", "--eval-batch-size", "32"])
+    assert one_line_error(e.value.code) and "best.pt: not written (" in e.value.code and "No space left" in e.value.code
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+
+
+def test_convert_into_a_folder_that_is_not_there_is_one_line(tmp_path, monkeypatch):
+    model = CCA(CCAConfig(arch="tiny", num_conditions=2, img_size=32))
+    src = str(tmp_path / "w.pt")
+    cca.save_backbone(model, src, "test")
+    code = run_main("cca.py", ["convert", src, str(tmp_path / "no" / "such" / "out.pt"), "--arch", "tiny", "--img-size", "32"],
+                    monkeypatch)
+    assert one_line_error(code) and "out.pt: not written" in code, code
+
+
+@pytest.mark.parametrize("argv, says", [(["-K", "0"], "num_conditions must be positive"),
+                                        (["--img-size", "0"], "img_size must be a positive multiple"),
+                                        (["--arch", "tiny", "--img-size", "36"], "multiple of 8")])
+def test_cca_info_bad_sizes_are_one_line(argv, says, monkeypatch):
+    code = run_main("cca.py", ["info", *[a.replace("-K", "--num-conditions") for a in argv]], monkeypatch)
+    assert one_line_error(code) and says in code, code
+
+
+def test_train_refuses_flags_that_cannot_be_right(capsys):
+    for argv, says in ((["--num-triplets", "1000000000000"], "--num-triplets 1000000000000: drawing an epoch needs about"),
+                       (["--lr-decay", "0"], "--lr-decay must be positive"), (["--lr-decay", "-0.5"], "--lr-decay must be positive"),
+                       (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
+                       (["--weight-decay", "-1"], "--weight-decay must be at least 0")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err, argv
+
+
+def test_synth_and_import_refuse_bad_numbers_a_file_as_folder_and_an_existing_dataset(synth, tmp_path, monkeypatch, capsys):
+    for argv, says in ((["--size", "0"], "argument --size: must be at least 8, got 0"),
+                       (["--num-train", "-5"], "argument --num-train: must be at least 2, got -5"),
+                       (["--workers", "0"], "argument --workers: must be at least 1")):
+        assert run_main("dataset_tools.py", ["synth", "--out", str(tmp_path / "s"), *argv], monkeypatch) == 2
+        assert says in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    code = run_main("dataset_tools.py", ["synth", "--out", str(tmp_path / "file")], monkeypatch)
+    assert one_line_error(code) and "is a file, not a folder" in code
+    # onto an existing dataset: refused, its files untouched, unless --overwrite
+    copy = str(tmp_path / "copy")
+    os.makedirs(copy)
+    meta = open(os.path.join(synth, "meta.json")).read()
+    open(os.path.join(copy, "meta.json"), "w").write(meta)
+    code = run_main("dataset_tools.py", ["synth", "--out", copy, "--num-train", "4", "--num-query", "1", "--num-candidate", "2",
+                                         "--workers", "1"], monkeypatch)
+    assert one_line_error(code) and "holds a dataset already" in code and "--overwrite" in code
+    assert os.listdir(copy) == ["meta.json"]
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text("path,attribute,value\n")
+    code = run_main("dataset_tools.py", ["import", str(csv_path), "--out", copy], monkeypatch)
+    assert code == 1 and "holds a dataset already" in capsys.readouterr().err and os.listdir(copy) == ["meta.json"]
+    assert run_main("dataset_tools.py", ["synth", "--out", copy, "--num-train", "4", "--num-query", "1", "--num-candidate", "2",
+                                         "--workers", "1", "--overwrite"], monkeypatch) is None
+    assert "filenames_train.txt" in os.listdir(copy)
+
+
+def test_evaluate_with_a_mistyped_data_root_draws_nothing(synth, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "c.pt", synth)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", ckpt, "--data-root", str(tmp_path / "typo"), "--workers", "0"])
+    assert one_line_error(e.value.code) and "typo: no dataset there" in e.value.code and not os.path.exists(tmp_path / "typo")
+
+
+def test_visualize_compare_with_a_checkpoint_of_other_data_is_one_line(synth, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "c.pt", synth)
+    other = torch.load(ckpt, weights_only=True)
+    cfg = dict(other["config"], num_conditions=3)
+    other.update(model=CCA(CCAConfig(**cfg)).state_dict(), config=cfg, meta=dict(other["meta"], attributes=["a", "b", "c"],
+                                                                                  values=[["x"], ["y"], ["z"]]))
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        visualize.main(["--ckpt", ckpt, "--workers", "0", "--embeddings", "--compare", str(tmp_path / "other.pt"),
+                        "--out", str(tmp_path / "fig")])
+    assert one_line_error(e.value.code) and "--compare needs checkpoints of the same data and size" in e.value.code
+
+
+def test_an_index_from_someone_else_is_refused_naming_what_is_wrong(tmp_path):
+    emb = np.zeros((2, 3, 4), dtype=np.float16)
+    path = str(tmp_path / "g.idx")
+    search.write_index(path, emb, ["a", "b", "c"], ["x", "y"], [["u", "v"], ["w"]], labels=[[0, 0], [1, -1], [0, 0]])
+    blob = open(path, "rb").read()
+    n = int.from_bytes(blob[-16:-8], "little")
+    header = json.loads(blob[-16 - n:-16])
+
+    def rewrite(**change):
+        h = json.dumps({**header, **change}).encode()
+        with open(path, "wb") as f:
+            f.write(blob[:-16 - n] + h + len(h).to_bytes(8, "little") + b"CCAINDEX")
+
+    for change, says in (({"paths": None}, "does not match its"), ({"labels": [[0, 5], [0, 0], [0, 0]]}, "its labels are not"),
+                         ({"labels": [[0, 0]]}, "its labels are not"), ({"shape": [2, 3]}, "is not [K, N, D]")):
+        rewrite(**change)
+        with pytest.raises(ValueError, match="corrupt index header: .*" + re.escape(says)):
+            search.read_index(path)
+    header.pop("paths")
+    rewrite()
+    with pytest.raises(ValueError, match=r"g.idx: corrupt index header: no paths"):
+        search.read_index(path)
+
+
+def test_search_bench_refuses_sizes_it_cannot_measure(capsys):
+    for argv, says in ((["--out-dim", "0"], "argument --out-dim: must be at least 1"),
+                       (["--num-attributes", "1"], "argument --num-attributes: must be at least 2"),
+                       (["--queries", "0"], "argument --queries: must be at least 1"),
+                       (["--num-images", "3"], "argument --num-images: must be at least 10")):
+        with pytest.raises(SystemExit) as e:
+            search.main(["bench", *argv])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_full_disk_at_the_start_of_an_index_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(search.os, "posix_fallocate", no_room)
+    with pytest.raises(OSError, match=r"g.idx\.\d+\.tmp: no room for the index: it needs"):
+        search.write_index(str(tmp_path / "g.idx"), np.zeros((2, 30, 8)), [str(i) for i in range(30)], ["a", "b"], [[], []])
+    assert os.listdir(tmp_path) == []
+
+
+def test_compare_refuses_zero_epochs(capsys):
+    import compare
+
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--epochs", "0"])
+    assert e.value.code == 2 and "argument --epochs: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_dataset_tools_cli_prepare_flag_errors():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_tools.py"), "prepare", "--img-size", "0"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "argument --img-size: must be at least 1, got 0" in r.stderr and "Traceback" not in r.stderr
