@@ -164,6 +164,8 @@ def check_folder(name, root):
     found = identify(root)
     if name == "synthetic" and found and found != ["synthetic"]:
         raise ValueError(f"{looks_like(root, found)}, not the synthetic set: add " + " or ".join(f"--data {n}" for n in found))
+    if name != "synthetic" and found in (["synthetic"], ["custom"], ["zappos"]) and name not in found:
+        raise ValueError(f"{looks_like(root, found)}, not {TITLES[name]}: add --data {found[0]}")
     if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
         raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
                          f"give --data the dataset it belongs to, or another --data-root")
@@ -206,13 +208,21 @@ def prepare_dataset(name, root=None):
 # -----------------------------------------------------------------------------
 # split-file readers; whitespace split() per line makes CRLF ends and tabs harmless
 
+def _text(path):
+    """The lines of a UTF-8 text file; a file of another encoding (or not text) is refused naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def _lines(path):
     """(lineno, line, fields) of each non-blank line of a text file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if fields:
-                yield lineno, line.rstrip("\r\n"), fields
+    for lineno, line in enumerate(_text(path), 1):
+        fields = line.split()
+        if fields:
+            yield lineno, line.rstrip("\r\n"), fields
 
 
 def _fail(errors, msg):
@@ -223,8 +233,7 @@ def _fail(errors, msg):
 
 
 def read_filenames(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in _text(path) if line.strip()]
 
 
 def read_labels(path, num_images, meta, multi=False, errors=None):

@@ -15,8 +15,10 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -70,7 +72,8 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
             chunk = max(1, min(256, n // (8 * workers)))
             jobs = [(tmp, paths[s:s + chunk], s, img_size) for s in range(0, n, chunk)]
             missing, unreadable, done, shown = [], [], 0, time.time()
-            with multiprocessing.Pool(workers) as pool:  # leaving the block (an error, Ctrl-C) ends the workers
+            # the workers ignore Ctrl-C: this process alone stops, and leaving the block ends them
+            with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
                 for k, m, u in pool.imap_unordered(_prepare_rows, jobs):
                     done += k
                     missing += m
@@ -105,9 +108,16 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
 # -----------------------------------------------------------------------------
 # dataset_tools.py check: counts, chance level, missing and unreadable images, bad lines
 
+def jpeg_ends(path):
+    """Whether a JPEG file holds its end-of-image marker (FF D9) in its last 4 KB (some writers pad after it)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        return b"\xff\xd9" in f.read()
+
+
 def check(name, root, decode=False):
     """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
-    errors, paths = [], []
+    errors, paths, problems = [], [], []
     found = check_folder(name, root)
     missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
     if missing:
@@ -131,7 +141,15 @@ def check(name, root, decode=False):
     else:
         names = {s: read_filenames(os.path.join(root, f"filenames_{s}.txt")) for s in ("train", "valid", "test")}
         paths = [os.path.join(root, p) for s in names for p in names[s]]
+        for s, listed in names.items():
+            twice = [p for p, n in Counter(listed).items() if n > 1]
+            if twice:
+                problems.append(f"filenames_{s}.txt lists {len(twice)} images more than once, e.g. {twice[:3]}")
+        if not names["train"]:
+            problems.append("filenames_train.txt lists no image: nothing to train on")
         labels = read_labels(os.path.join(root, "label_train.txt"), len(names["train"]), meta, True, errors)
+        if names["train"] and len(labels) == 0:
+            problems.append("label_train.txt has no label: nothing to train on")
         print(f"{name}: {len(meta['attributes'])} attributes, {sum(map(len, meta['values']))} values; images: "
               + ", ".join(f"{s} {len(v)}" for s, v in names.items()))
         table = {s: {r: read_items(name, root, s, r, errors)[1] for r in ("query", "candidate")}
@@ -165,13 +183,17 @@ def check(name, root, decode=False):
             with Image.open(p) as im:
                 if decode:
                     im.load()
+                elif im.format == "JPEG" and not jpeg_ends(p):  # truncated: caught without decoding
+                    raise OSError("truncated: no JPEG end marker")
         except Exception as e:
             unreadable.append(f"{p} ({e})")
         if (i + 1) % 20000 == 0:
             print(f"  looked at {i + 1}/{len(paths)} images")
     for what, bad in (("bad lines", errors), ("missing images", absent), ("unreadable images", unreadable)):
         print(f"{what}: {len(bad)}" + "".join(f"\n  {b}" for b in bad[:5]) + ("\n  ..." if len(bad) > 5 else ""))
-    ok = not (errors or absent or unreadable)
+    for p in problems:
+        print(f"problem: {p}")
+    ok = not (errors or absent or unreadable or problems)
     print("OK" if ok else "PROBLEMS FOUND")
     return 0 if ok else 1
 
@@ -536,22 +558,25 @@ if __name__ == "__main__":
     p.add_argument("--workers", type=number(int, 1), default=os.cpu_count(), help="decoding processes (default: one per CPU)")
     add_import_parser(sub)  # dataset_tools.py import
     args = parser.parse_args()
-    if args.command == "import":
-        sys.exit(run_import(args))
-    if args.command == "synth":
-        try:
+    # SIGTERM as Ctrl-C: either stops the command with one line; every writer here removes its temporary files
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        if args.command == "import":
+            sys.exit(run_import(args))
+        if args.command == "synth":
             refuse_to_overwrite(args.out, args.overwrite)
             make_synthetic(args.out, args.num_train, args.num_query, args.num_candidate, args.seed, args.size,
                            args.workers)
-        except OSError as e:
-            sys.exit(f"error: {e}")
-    elif args.command == "prepare":
-        try:
+        elif args.command == "prepare":
             prepare_images(args.data, prepare_dataset(args.data, args.data_root)[0], args.img_size, args.workers)
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
-    else:
-        try:
+        else:
             sys.exit(check(args.data, args.data_root or os.path.join("data", args.data), args.decode))
-        except (OSError, ValueError) as e:  # a folder of another dataset, an unreadable meta.json: one line
-            sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:  # a folder of another dataset, an unreadable meta.json, a full disk: one line
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        left = {"prepare": "no temporary file is left, and the splits finished before keep their arrays",
+                "synth": f"{out} has no meta.json, so no command takes it for a dataset: run synth again",
+                "import": f"{out} has no meta.json until an import finishes: run the import again",
+                "check": "nothing was written"}[args.command]
+        sys.exit(f"error: {args.command} interrupted: {left}")

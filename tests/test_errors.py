@@ -8,6 +8,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -209,3 +210,59 @@ def test_dataset_tools_cli_prepare_flag_errors():
     r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_tools.py"), "prepare", "--img-size", "0"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "argument --img-size: must be at least 1, got 0" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_finds_what_it_said_ok_to(synth, tmp_path):
+    def check(root, *more):
+        r = subprocess.run([sys.executable, os.path.join(REPO, "dataset_tools.py"), "check", "--data-root", root, *more],
+                           capture_output=True, text=True, cwd=REPO)
+        assert "Traceback" not in r.stderr, r.stderr
+        return r
+
+    r = check(synth, "--data", "fashionai")  # a synthetic folder is no FashionAI
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {synth} looks like the synthetic set (drawn by synthetic.py), not FashionAI: add --data synthetic"]
+    root = shutil.copytree(synth, str(tmp_path / "s"))
+    names = open(os.path.join(root, "filenames_valid.txt")).read().splitlines()
+    with open(os.path.join(root, "filenames_valid.txt"), "w") as f:
+        f.writelines(n + "\n" for n in names[:-1] + names[:1])  # one image listed twice (same count of lines)
+    jpeg = os.path.join(root, "images", "test", "00003.jpg")
+    blob = open(jpeg, "rb").read()
+    open(jpeg, "wb").write(blob[:-50])  # truncated: the header still parses
+    r = check(root)
+    assert r.returncode == 1 and "problem: filenames_valid.txt lists 1 images more than once" in r.stdout
+    assert "unreadable images: 1" in r.stdout and "00003.jpg (truncated: no JPEG end marker)" in r.stdout
+    for name in ("filenames_train.txt", "label_train.txt"):
+        open(os.path.join(root, name), "w").close()
+    r = check(root)
+    assert "problem: filenames_train.txt lists no image" in r.stdout
+    open(os.path.join(root, "query_test.txt"), "wb").write("0 1 2\n\xe9t\xe9\n".encode("latin-1"))
+    r = check(root)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {os.path.join(root, 'query_test.txt')}: not UTF-8 text " \
+                                                   "(byte 6: invalid continuation byte)"
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temporary_file(synth, tmp_path):
+    import signal
+    import time
+
+    root = shutil.copytree(synth, str(tmp_path / "s"))
+    names = open(os.path.join(root, "filenames_train.txt")).read().split()
+    with open(os.path.join(root, "filenames_train.txt"), "w") as f:  # the 60 images listed over and over: a long prepare
+        f.writelines(names[i % len(names)] + "\n" for i in range(40_000))
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "dataset_tools.py"), "prepare", "--data-root", root,
+                             "--img-size", "16", "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    prepared = os.path.join(root, "prepared")
+    deadline = time.time() + 120
+    while not (os.path.isdir(prepared) and any(f.endswith(".tmp") for f in os.listdir(prepared))):
+        assert proc.poll() is None and time.time() < deadline, "prepare ended before its first array was started"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert err.strip().splitlines() == ["error: prepare interrupted: no temporary file is left, and the splits finished "
+                                        "before keep their arrays"]
+    left = os.listdir(prepared)
+    assert not [f for f in left if ".tmp" in f]
+    assert all(f[:-4] + ".json" in left for f in left if f.endswith(".npy"))  # a finished split keeps its header
