@@ -170,8 +170,8 @@ def test_a_real_dataset_under_data_synthetic_is_named_as_what_it_is(tmp_path, za
     with pytest.raises(ValueError, match=re.escape(f"{zroot} looks like UT Zappos50K (CSN's triplet lists), not the synthetic set: add --data zappos")):
         data.prepare_dataset("synthetic", zroot)
     assert not os.path.exists(os.path.join(zroot, "meta.json")) and not os.path.exists(os.path.join(zroot, "images"))
-    # the right --data with a file missing: the message says which dataset the folder does hold
-    with pytest.raises(FileNotFoundError, match=re.escape("looks like UT Zappos50K (CSN's triplet lists): add --data zappos")):
+    # another --data on it: refused before anything is read, saying which dataset the folder does hold
+    with pytest.raises(ValueError, match=re.escape("looks like UT Zappos50K (CSN's triplet lists), not FashionAI: add --data zappos")):
         data.prepare_dataset("fashionai", zroot)
     # a meta.json of nothing known is not called a synthetic set either
     (tmp_path / "other").mkdir()
