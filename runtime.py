@@ -137,6 +137,44 @@ def output_folder(path, what="output folder"):
     return path
 
 
+@contextmanager
+def held(path, what):
+    """Hold `path` (a lock file) for the block: one live process at a time writes `what`. Another live holder is
+    refused with one line naming it; a lock left by a process that is gone is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise OSError(f"{what} is being written by another run (process {pid}; {path}): wait for it, or choose "
+                              "another output") from None
+            os.remove(path)  # its writer is gone
+    else:
+        raise OSError(f"{path}: cannot take the lock of {what}")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def model_device(model):
     """The device a model's weights are on."""
     return next(model.parameters()).device

@@ -36,6 +36,7 @@ The index file holds no pickle (an index may come from someone else) and is writ
 """
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import json
@@ -45,7 +46,6 @@ import shutil
 import struct
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
@@ -55,8 +55,8 @@ import torch.distributed as dist
 from cca import load_checkpoint
 from data import IMAGE_EXTENSIONS, load_image, load_meta, normalise, read_filenames, read_image, read_labels
 from evaluate import gather_by_index, shard
-from runtime import (autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, model_device, number,
-                     setup)
+from runtime import (autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, held, model_device,
+                     number, setup)
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -170,7 +170,7 @@ def _header(D, paths, attributes, values, labels=None, failed=(), checkpoint=Non
                 checkpoint=checkpoint or dict(sha256=None, config={}), img_size=img_size)
 
 
-@contextmanager
+@contextlib.contextmanager
 def removed_on_error(path):
     """Inside the block, any exception (KeyboardInterrupt too) removes the file at `path` on its way out."""
     try:
@@ -543,8 +543,9 @@ def run_index(args):
             print(f"indexing {len(paths)} images under {model.cfg.num_conditions} attributes with {args.ckpt} "
                   f"({model.cfg.arch}, {model.cfg.img_size} px, out_dim {model.cfg.out_dim}) on {world} x {device}", flush=True)
         t0 = time.time()
-        index = build_index(model, paths, args.out, ckpt["meta"], labels, args.batch_size, args.workers, rank, world,
-                            log=lambda s: print(s, flush=True))
+        with held(args.out + ".lock", args.out) if rank == 0 else contextlib.nullcontext():  # one live writer of --out
+            index = build_index(model, paths, args.out, ckpt["meta"], labels, args.batch_size, args.workers, rank, world,
+                                log=lambda s: print(s, flush=True))
         if rank == 0:
             t = time.time() - t0
             print(f"wrote {args.out}: {len(index)} images x {model.cfg.num_conditions} attributes x {model.cfg.out_dim} "

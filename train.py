@@ -22,6 +22,7 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 """
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -36,8 +37,8 @@ from cca import (ARCH_SIZES, CHECKPOINT_KEYS, CSN_PENALTY, METHODS, RESUME_KEYS,
 from data import (DATASETS, EVAL_MISSING, TripletBatches, check_eval_images, describe_images, normalise, prepare_dataset,
                   training_set)
 from evaluate import NOT_COMPARABLE, chance_map, evaluate_split, format_results
-from runtime import (autocast, cleanup, default_device, device_arg, error_message, exit_rank, fmt_time, gpu_peak, print0, setup,
-                     training_flops)
+from runtime import (autocast, cleanup, default_device, device_arg, error_message, exit_rank, fmt_time, gpu_peak, held, print0,
+                     setup, training_flops)
 
 # -----------------------------------------------------------------------------
 # the flags and their defaults, resolved once (resolve) before anything is trained
@@ -370,17 +371,19 @@ def train(args, resume, rank, world, device):
     chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
     os.makedirs(args.out_dir, exist_ok=True)
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
-    clock = dict(start=time.time(), done=0, total=(args.epochs - start_epoch) * steps, flops=flops, peak=peak)
-    for epoch in range(start_epoch, args.epochs):
-        batches = TripletBatches(sampler.epoch(epoch), store, per_rank, args.flip)
-        train_one_epoch(args, step, optimizer, batches, epoch, steps, device, world, clock)
-        scheduler.step()
-        record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, chance, epoch, best, history, record)
-        history.append(record)
-        if rank == 0:
-            save_checkpoint(os.path.join(args.out_dir, "last.pt"), model, optimizer, scheduler, epoch, best, args, meta, history)
+    lock = held(os.path.join(args.out_dir, "train.lock"), args.out_dir) if rank == 0 else contextlib.nullcontext()
+    with lock:  # one live run writes a folder's checkpoints
+        clock = dict(start=time.time(), done=0, total=(args.epochs - start_epoch) * steps, flops=flops, peak=peak)
+        for epoch in range(start_epoch, args.epochs):
+            batches = TripletBatches(sampler.epoch(epoch), store, per_rank, args.flip)
+            train_one_epoch(args, step, optimizer, batches, epoch, steps, device, world, clock)
+            scheduler.step()
+            record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, chance, epoch, best, history, record)
+            history.append(record)
+            if rank == 0:
+                save_checkpoint(os.path.join(args.out_dir, "last.pt"), model, optimizer, scheduler, epoch, best, args, meta, history)
     print0(f"done in {fmt_time(time.time() - clock['start'])}; best validation {100 * best:.2f}; checkpoints in {args.out_dir}")
 
 

@@ -266,3 +266,22 @@ def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temporary_file(synth, t
     left = os.listdir(prepared)
     assert not [f for f in left if ".tmp" in f]
     assert all(f[:-4] + ".json" in left for f in left if f.endswith(".npy"))  # a finished split keeps its header
+
+
+def test_a_folder_another_live_run_writes_is_refused_and_a_stale_lock_taken_over(synth, tmp_path):
+    run = tmp_path / "run"
+    os.makedirs(run)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "train.lock").write_text(str(sleeper.pid))  # a live run holds the folder
+        argv = ["--data-root", synth, "--out-dir", str(run), "--img-size", "32", "--out-dim", "16", "--batch-size", "8",
+                "--num-triplets", "8", "--epochs", "1", "--eval-batch-size", "32"]
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert one_line_error(e.value.code) and f"is being written by another run (process {sleeper.pid}" in e.value.code
+        assert not os.path.exists(run / "last.pt")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train.main(argv)  # its process is gone: the lock is taken over, and released at the end
+    assert os.path.exists(run / "last.pt") and not os.path.exists(run / "train.lock")
