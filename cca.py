@@ -784,7 +784,9 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         folder = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        if not os.path.isdir(folder):
+            raise OSError(f"{path}: not written: the folder {folder} does not exist") from None
+        free = shutil.disk_usage(folder).free
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"{path}: not written ({cause}); it needs about {tensor_bytes(obj) / 2**20:,.0f} MiB, "
                       f"{free / 2**20:,.0f} MiB are free in {folder}; any earlier file there is intact") from None
@@ -794,11 +796,8 @@ def tensor_bytes(obj):
     """The bytes of every tensor in a nest of dicts, lists and tuples: about what torch.save writes."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in items)
 
 
 def save_checkpoint(path, model, optimizer, scheduler, epoch, best, args, meta, history):

@@ -56,7 +56,7 @@ from cca import load_checkpoint
 from data import IMAGE_EXTENSIONS, load_image, load_meta, normalise, read_filenames, read_image, read_labels
 from evaluate import gather_by_index, shard
 from runtime import (autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, held, model_device,
-                     number, setup)
+                     number, output_folder, setup)
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -543,6 +543,7 @@ def run_index(args):
             print(f"indexing {len(paths)} images under {model.cfg.num_conditions} attributes with {args.ckpt} "
                   f"({model.cfg.arch}, {model.cfg.img_size} px, out_dim {model.cfg.out_dim}) on {world} x {device}", flush=True)
         t0 = time.time()
+        output_folder(os.path.dirname(os.path.abspath(args.out)), "folder of --out")
         with held(args.out + ".lock", args.out) if rank == 0 else contextlib.nullcontext():  # one live writer of --out
             index = build_index(model, paths, args.out, ckpt["meta"], labels, args.batch_size, args.workers, rank, world,
                                 log=lambda s: print(s, flush=True))

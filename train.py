@@ -37,8 +37,8 @@ from cca import (ARCH_SIZES, CHECKPOINT_KEYS, CSN_PENALTY, METHODS, RESUME_KEYS,
 from data import (DATASETS, EVAL_MISSING, TripletBatches, check_eval_images, describe_images, normalise, prepare_dataset,
                   training_set)
 from evaluate import NOT_COMPARABLE, chance_map, evaluate_split, format_results
-from runtime import (autocast, cleanup, default_device, device_arg, error_message, exit_rank, fmt_time, gpu_peak, held, print0,
-                     setup, training_flops)
+from runtime import (autocast, cleanup, default_device, device_arg, error_message, exit_rank, fmt_time, gpu_peak, held,
+                     output_folder, print0, setup, training_flops)
 
 # -----------------------------------------------------------------------------
 # the flags and their defaults, resolved once (resolve) before anything is trained
@@ -369,7 +369,7 @@ def train(args, resume, rank, world, device):
     loading = store.describe() + ("" if store.stored or args.workers == 0 else f" by {args.workers} loader workers per rank")
     print0(f"images: train {loading}; valid {describe_images(args.data, root, 'valid', args.img_size)}")
     chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
-    os.makedirs(args.out_dir, exist_ok=True)
+    output_folder(args.out_dir, "--out-dir")
     print0(f"{args.data}: {steps} steps of {args.batch_size} triplets per epoch on {world} rank(s), {args.epochs} epochs, device {device}")
     lock = held(os.path.join(args.out_dir, "train.lock"), args.out_dir) if rank == 0 else contextlib.nullcontext()
     with lock:  # one live run writes a folder's checkpoints
