@@ -60,10 +60,11 @@ GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, f
 MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
 # What else makes a run the run it is: --resume takes these from the checkpoint too, and refuses a different value, so
 # that a resumed run repeats the uninterrupted one. Everything else (--epochs, --data-root, --out-dir, the system
-# flags) may be given anew; left out, where and how far the run goes come from the checkpoint, the system from here.
+# flags) may be given anew; left out, how far the run goes comes from the checkpoint, the system from here, and it
+# writes beside the checkpoint it resumes.
 RUN_FLAGS = MODEL_FLAGS + ("data", "seed", "num_triplets", "batch_size", "lr", "lr_decay", "trunk_warmup", "weight_decay", "margin",
                            "csn_embed_reg", "csn_mask_reg", "flip")
-FROM_CHECKPOINT = RUN_FLAGS + ("data_root", "out_dir", "epochs", "eval_every", "eval_missing", "cache_images")
+FROM_CHECKPOINT = RUN_FLAGS + ("data_root", "epochs", "eval_every", "eval_missing", "cache_images")
 
 
 def parse_args(argv=None):
