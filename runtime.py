@@ -12,7 +12,7 @@ only how to count its FLOPs.
 import argparse
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 import torch.distributed as dist
@@ -139,30 +139,39 @@ def output_folder(path, what="output folder"):
 
 @contextmanager
 def held(path, what):
-    """Hold `path` (a lock file) for the block: one live process at a time writes `what`. Another live holder is
-    refused with one line naming it; a lock left by a process that is gone is taken over."""
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
+    """Hold `path` (a lock file holding the holder's pid) for the block: one live process at a time writes `what`.
+    Another live holder is refused with one line naming it; a lock left by a process that is gone is taken over.
+    The lock appears whole or not at all: the pid is written to a file of this process's own, then hard-linked."""
+    mine = f"{path}.{os.getpid()}.tmp"
+    with open(mine, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        for _ in range(3):
             try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise OSError(f"{what} is being written by another run (process {pid}; {path}): wait for it, or choose "
-                              "another output") from None
-            os.remove(path)  # its writer is gone
-    else:
-        raise OSError(f"{path}: cannot take the lock of {what}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+                os.link(mine, path)  # fails if the lock exists
+                break
+            except FileExistsError:
+                try:
+                    pid = int(open(path).read().strip())
+                except FileNotFoundError:  # its holder just left: try again
+                    continue
+                except (OSError, ValueError):
+                    pid = 0
+                if pid > 0 and pid != os.getpid() and _alive(pid):
+                    raise OSError(f"{what} is being written by another run (process {pid}; {path}): wait for it, or "
+                                  "choose another output") from None
+                with suppress(FileNotFoundError):
+                    os.remove(path)  # its writer is gone
+        else:
+            raise OSError(f"{path}: cannot take the lock of {what}")
+    finally:
+        os.remove(mine)
     try:
         yield
     finally:
-        if os.path.exists(path):
-            os.remove(path)
+        with suppress(OSError, ValueError):
+            if int(open(path).read().strip()) == os.getpid():  # ours still, not a lock another process took over
+                os.remove(path)
 
 
 def _alive(pid):

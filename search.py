@@ -201,7 +201,10 @@ def check_header(path, header):
         raise ValueError(f"{path}: corrupt index header: shape {shape} does not match its paths, attributes and value "
                          "lists")
     if labels is not None:
-        rows = np.array(labels)
+        try:
+            rows = np.array(labels)
+        except ValueError:  # ragged rows
+            rows = np.zeros((0,))
         counts = np.array([len(v) for v in values], dtype=np.int64)
         if rows.shape != (N, K) or (N and rows.dtype.kind != "i") or (N and ((rows < -1) | (rows >= counts)).any()):
             raise ValueError(f"{path}: corrupt index header: its labels are not one value index (or -1) per image "
