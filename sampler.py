@@ -28,6 +28,11 @@ class TripletSampler:
         if labels is not None:
             self._index(labels, np.asarray(value_counts))
 
+    def __len__(self):
+        """Triplets per rank in every epoch: the whole epoch padded to a multiple of world_size, then shared."""
+        total = len(self.fixed) if self.fixed is not None else self.num_triplets
+        return -(-total // self.world_size)
+
     def images(self):
         """The image ids that a triplet can use."""
         return np.unique(self.fixed[:, :3]) if self.fixed is not None else np.unique(self.members)

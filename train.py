@@ -301,7 +301,7 @@ def open_data(args, rank, world):
     return root, meta
 
 
-def build(args, resume, meta, device):
+def build(args, resume, meta, device, rank):
     """The model (plain: what is saved and evaluated), the Objective to step (compiled, DDP-wrapped), the optimizer,
     its schedule, and where the run stands (start epoch, best, history), from --resume or fresh."""
     K = len(meta["attributes"])
@@ -312,7 +312,7 @@ def build(args, resume, meta, device):
     if cfg.method == "csn":
         model.condition.embed_reg, model.condition.mask_reg = args.csn_embed_reg, args.csn_mask_reg
     if args.pretrained and resume is None:
-        load_pretrained(model, args.pretrained, verbose=dist.get_rank() == 0 if dist.is_initialized() else True)
+        load_pretrained(model, args.pretrained, verbose=rank == 0)
     elif args.data != "synthetic" and resume is None:
         print0(f"warning: training {cfg.arch} from scratch on {args.data}, without --pretrained: the paper starts from "
                "ImageNet-21k weights (R50+ViT-B_16.npz; see cca.py convert), and from scratch the recipe is far slower "
@@ -355,7 +355,7 @@ def train(args, resume, rank, world, device):
         print0(f"{args.resume} has finished epoch {resume['epoch'] + 1}, and --epochs is {args.epochs}: nothing left to do "
                "(give a larger --epochs to train on)")
         return
-    model, step, optimizer, scheduler, start_epoch, best, history = build(args, resume, meta, device)
+    model, step, optimizer, scheduler, start_epoch, best, history = build(args, resume, meta, device, rank)
     peak = flops = None
     if device.type == "cuda":
         flops, peak = training_flops(model.cfg), gpu_peak(device)
@@ -364,9 +364,9 @@ def train(args, resume, rank, world, device):
     sampler, store = training_set(args.data, root, args.img_size, args.num_triplets, args.seed, rank, world, args.cache_images)
     # from what the epoch holds (zappos: CSN's list without the triplets of missing images), not from --num-triplets;
     # the same on every rank: DDP needs every rank to take each step
-    steps = len(sampler.epoch(0)) // per_rank
+    steps = len(sampler) // per_rank
     if steps == 0:
-        raise ValueError(f"an epoch holds {len(sampler.epoch(0)) * world} triplets, less than one batch of {args.batch_size}")
+        raise ValueError(f"an epoch holds {len(sampler) * world} triplets, less than one batch of {args.batch_size}")
     loading = store.describe() + ("" if store.stored or args.workers == 0 else f" by {args.workers} loader workers per rank")
     print0(f"images: train {loading}; valid {describe_images(args.data, root, 'valid', args.img_size)}")
     chance = chance_map(args.data, root, "valid", args.eval_missing) if rank == 0 else None  # printed by rank 0
@@ -377,21 +377,21 @@ def train(args, resume, rank, world, device):
         clock = dict(start=time.time(), done=0, total=(args.epochs - start_epoch) * steps, flops=flops, peak=peak)
         for epoch in range(start_epoch, args.epochs):
             batches = TripletBatches(sampler.epoch(epoch), store, per_rank, args.flip)
-            train_one_epoch(args, step, optimizer, batches, epoch, steps, device, world, clock)
+            train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, world, clock)
             scheduler.step()
             record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, chance, epoch, best, history, record)
+                best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, rank, world, chance, epoch, best,
+                                         history, record)
             history.append(record)
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "last.pt"), model, optimizer, scheduler, epoch, best, args, meta, history)
     print0(f"done in {fmt_time(time.time() - clock['start'])}; best validation {100 * best:.2f}; checkpoints in {args.out_dir}")
 
 
-def train_one_epoch(args, step, optimizer, batches, epoch, steps, device, world, clock):
+def train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, world, clock):
     """One pass over `batches`, with a progress line every --log-every steps. A non-finite loss stops the run."""
     # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
-    rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(args.seed + 1000 * epoch + rank)
     use_amp = device.type == "cuda"
     if args.workers == 0:  # a batch is a few tensor ops (stored images) or decodes (files) in this process
@@ -434,11 +434,10 @@ def train_one_epoch(args, step, optimizer, batches, epoch, steps, device, world,
             n_sum, t_log = 0, time.time()
 
 
-def validate_and_save(args, model, optimizer, scheduler, meta, root, device, chance, epoch, best, history, record):
+def validate_and_save(args, model, optimizer, scheduler, meta, root, device, rank, world, chance, epoch, best, history, record):
     """Score the valid split (every rank embeds its shard); on rank 0 print the table, add it to this epoch's record,
     and on a new best write best.pt. Returns the best total so far."""
     t0 = time.time()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     result = evaluate_split(model, meta, root, "valid", args.img_size, device, args.eval_batch_size, args.workers, rank, world,
                             args.eval_missing)
     if rank != 0:  # the metric exists on rank 0 only, and only rank 0 writes checkpoints

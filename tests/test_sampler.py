@@ -87,6 +87,7 @@ def test_ranks_draw_disjoint_shares_of_the_whole_set(toy, n):
     whole = asen(labels, counts, n, seed=5).epoch(7)
     ranks = [asen(labels, counts, n, seed=5, rank=r, world_size=2).epoch(7) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == -(-n // 2)  # equal shares: DDP needs the same number of steps
+    assert len(asen(labels, counts, n, seed=5, rank=1, world_size=2)) == len(ranks[1])  # the share, without a draw
     merged = np.empty((2 * len(ranks[0]), 4), dtype=np.int64)
     merged[0::2], merged[1::2] = ranks  # position k of the whole set -> rank k % 2
     assert np.array_equal(merged[:n], whole)
@@ -134,6 +135,7 @@ def test_fixed_list_keeps_anchor_far_close_as_anchor_positive_negative():
     assert not np.array_equal(s.epoch(1), first) and np.array_equal(s.epoch(0), first)  # reshuffled per epoch
     halves = [TripletSampler(seed=0, rank=r, world_size=2, fixed=fixed).epoch(0) for r in range(2)]
     assert len(halves[0]) == len(halves[1]) == 3 and np.array_equal(halves[0], first[0::2])
+    assert len(TripletSampler(seed=0, rank=1, world_size=2, fixed=fixed)) == 3
     with pytest.raises(ValueError, match="not both"):
         TripletSampler(10, labels=label_rows({0: [(0, 0)]}), value_counts=[1], fixed=fixed)
 
