@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -48,6 +49,27 @@ def _prepare_rows(job):
     return len(paths), missing, unreadable
 
 
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent alone, which ends the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@contextmanager
+def worker_pool(workers):
+    """A process pool whose workers ignore Ctrl-C, ended when the block is left (an error, Ctrl-C). SIGINT and SIGTERM
+    are held back while it forks: one arriving during a fork would be raised inside an at-fork hook, where Python
+    prints it and drops it, and the command would run on."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pool = multiprocessing.Pool(workers, initializer=_worker_init)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    with pool:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal held back during the forks is raised here
+        yield pool
+
+
 def prepare_images(name, root, img_size, workers=2, splits=None):
     """python dataset_tools.py prepare: decode every image of each split (or of `splits`) once with read_image into
     prepared/{split}_{S}.npy and its header, written under temporary names and then renamed. Missing and unreadable
@@ -72,8 +94,7 @@ def prepare_images(name, root, img_size, workers=2, splits=None):
             chunk = max(1, min(256, n // (8 * workers)))
             jobs = [(tmp, paths[s:s + chunk], s, img_size) for s in range(0, n, chunk)]
             missing, unreadable, done, shown = [], [], 0, time.time()
-            # the workers ignore Ctrl-C: this process alone stops, and leaving the block ends them
-            with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+            with worker_pool(workers) as pool:
                 for k, m, u in pool.imap_unordered(_prepare_rows, jobs):
                     done += k
                     missing += m
