@@ -780,9 +780,11 @@ def save_atomic(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos ...")
+    except BaseException as e:  # torch.save reports a full disk as RuntimeError ("unexpected pos ..."); or Ctrl-C
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise OSError(f"{path}: not written: the folder {folder} does not exist") from None

@@ -47,7 +47,7 @@ import visualize
 from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset
 from evaluate import chance_map, embed_split, mean_average_precision, split_map
-from runtime import default_device, device_arg, error_message, fmt_time, number
+from runtime import default_device, device_arg, error_message, fmt_time, number, output_file, output_folder
 from synthetic import SHAPE_CLASSES, make_shapes
 
 # name: (row label, train.py flags, the paper's FashionAI total mAP in Table 2)
@@ -141,7 +141,8 @@ def main(argv=None):
         p.error(f"--seeds repeats a seed: {args.seeds}")
     if args.pretrained and not os.path.isfile(args.pretrained):
         p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
-    out_dir = args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare")
+    out_dir = output_folder(args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare"),
+                            "--out-dir")
     root, meta = prepare_dataset(args.data, args.data_root)
     device = default_device(args.device)
     common = ["--data", args.data, "--data-root", root, "--eval-missing", args.eval_missing] + (
@@ -195,7 +196,6 @@ def main(argv=None):
             + (f"; every method from the pretrained trunk {args.pretrained}" if args.pretrained else "; every method from scratch")
             + f". Chance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}.")
     print("\n" + text)
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -278,6 +278,7 @@ def pretrain(argv=None):
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.num_train < args.batch_size:
         p.error(f"--num-train {args.num_train} is less than one batch of {args.batch_size}")
+    output_file(args.out, "--out file")  # before the training whose result it keeps
     device = default_device(args.device)
     t0 = time.time()
     x_train, y_train = make_shapes(args.num_train, args.img_size, seed=2 * args.seed, workers=args.workers)
@@ -337,7 +338,6 @@ def pretrain(argv=None):
     accuracy = (pred == y_test).float().mean().item()
     seconds = time.time() - t_start
     print(f"held-out accuracy {100 * accuracy:.2f} (chance {100 / len(SHAPE_CLASSES):.2f}) after {fmt_time(seconds)} of training")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_backbone(model.cpu(), args.out, f"compare.py pretrain: shapes set, {len(SHAPE_CLASSES)} classes, {args.num_train} images, "
                                          f"{args.epochs} epochs, seed {args.seed}; held-out accuracy {accuracy:.4f}")
     return dict(accuracy=accuracy, seconds=seconds)

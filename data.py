@@ -167,6 +167,10 @@ def check_folder(name, root):
     if name != "synthetic" and found in (["synthetic"], ["custom"], ["zappos"]) and name not in found:
         raise ValueError(f"{looks_like(root, found)}, not {TITLES[name]}: add --data {found[0]}")
     if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
+        try:  # one that is not JSON at all says so
+            json.load(open(os.path.join(root, "meta.json"), encoding="utf-8-sig"))
+        except ValueError as e:
+            raise ValueError(f"{os.path.join(root, 'meta.json')}: not valid JSON: {e}") from None
         raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
                          f"give --data the dataset it belongs to, or another --data-root")
     return found

@@ -12,7 +12,6 @@ evaluation read what these write through data.py.
 import argparse
 import csv
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -20,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -29,7 +27,7 @@ from data import (DATASETS, FASHIONAI_VALUE_NAMES, HINTS, PREPARED_VERSION, ZAPP
                   fingerprint, load_meta, looks_like, prepare_dataset, prepared_files, prepared_names, read_filenames,
                   read_image, read_items, read_labels, read_zappos_triplets, required_files, zappos_paths)
 from evaluate import chance_ap
-from runtime import number, output_folder
+from runtime import number, output_folder, worker_pool
 from synthetic import make_synthetic
 
 
@@ -47,27 +45,6 @@ def _prepare_rows(job):
             unreadable.append((i, str(e.__cause__ or e)))
     out.flush()
     return len(paths), missing, unreadable
-
-
-def _worker_init():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent alone, which ends the workers
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-@contextmanager
-def worker_pool(workers):
-    """A process pool whose workers ignore Ctrl-C, ended when the block is left (an error, Ctrl-C). SIGINT and SIGTERM
-    are held back while it forks: one arriving during a fork would be raised inside an at-fork hook, where Python
-    prints it and drops it, and the command would run on."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        pool = multiprocessing.Pool(workers, initializer=_worker_init)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        raise
-    with pool:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal held back during the forks is raised here
-        yield pool
 
 
 def prepare_images(name, root, img_size, workers=2, splits=None):
@@ -139,6 +116,8 @@ def jpeg_ends(path):
 def check(name, root, decode=False):
     """Print what the dataset holds and what is wrong with it; return the exit code (0: nothing wrong)."""
     errors, paths, problems = [], [], []
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such folder" + ("" if name == "synthetic" else "; " + HINTS.get(name, HINTS["asen"])))
     found = check_folder(name, root)
     missing = [p for p in required_files(name, root) if not os.path.isfile(p)]
     if missing:
@@ -420,6 +399,8 @@ def _labels_by_image(cat, csv_path, log):
 
 def _readable(paths, image_root, workers, csv_path, log):
     """Every labelled image must be there and decode: (resolved paths, indices of the good ones, missing, unreadable)."""
+    if not paths:
+        raise ValueError(f"{csv_path}: nothing usable: no labelled rows after its header")
     resolved = [os.path.join(image_root, p) for p in paths]
     t0 = time.time()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # pillow decodes without the GIL: threads suffice

@@ -29,7 +29,7 @@ import numpy as np
 from cca import load_checkpoint
 from data import (EVAL_MISSING, EvalItems, ZapposEvalSet, check_eval_images, describe_images, identify, looks_like, normalise,
                   prepare_dataset, read_items)
-from runtime import autocast, default_device, device_arg, error_message, evaluating, number
+from runtime import autocast, default_device, device_arg, error_message, evaluating, number, output_file
 
 # -----------------------------------------------------------------------------
 # Metrics (ASEN's attribute-specific mAP; CSN's triplet accuracy on Zappos50K).
@@ -401,6 +401,11 @@ def main(argv=None):
                    help="a listed image that is missing: error (default), or drop: score without it, the numbers then marked "
                         "not comparable with published numbers")
     args = p.parse_args(argv)
+    try:
+        if args.json:  # before the scoring whose numbers it is for
+            output_file(args.json, "--json file")
+    except OSError as e:
+        raise SystemExit(f"error: {e}")
     model, ckpt, root, device = open_split(args)
     try:
         return score(args, model, ckpt, root, device)

@@ -10,7 +10,10 @@ only how to count its FLOPs.
 """
 
 import argparse
+import datetime
+import multiprocessing
 import os
+import signal
 import sys
 from contextlib import contextmanager, suppress
 
@@ -24,13 +27,15 @@ from cca import build_model
 # distributed: `python X.py` is one process with no process group; torchrun sets RANK, WORLD_SIZE, LOCAL_RANK
 
 
-def setup(device_arg):
+def setup(device_arg, timeout_s=None):
     """(rank, world size, device). Under torchrun: a process group (nccl on CUDA, gloo on the CPU), one GPU per
-    local rank; else one process on `device_arg` (default: the GPU when there is one)."""
+    local rank, collectives that give up after `timeout_s` (default: torch's); else one process on `device_arg`
+    (default: the GPU when there is one)."""
     if "RANK" in os.environ:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         cuda = torch.cuda.is_available() and device_arg != "cpu"
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        timeout = {} if timeout_s is None else dict(timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend="nccl" if cuda else "gloo", **timeout)
         device = torch.device(f"cuda:{local}" if cuda else "cpu")
     else:
         rank, world = 0, 1
@@ -137,6 +142,15 @@ def output_folder(path, what="output folder"):
     return path
 
 
+def output_file(path, what="output file"):
+    """Refuse, with one line, an output file that names a folder or whose folder is a file or read-only; create its
+    folder when missing. Called before the work whose result it receives, not after."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder: give a file name as the {what}")
+    output_folder(os.path.dirname(os.path.abspath(path)), f"folder of the {what}")
+    return path
+
+
 @contextmanager
 def held(path, what):
     """Hold `path` (a lock file holding the holder's pid) for the block: one live process at a time writes `what`.
@@ -182,6 +196,32 @@ def _alive(pid):
     except PermissionError:  # alive, someone else's
         return True
     return True
+
+
+def _worker_init():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent alone, which ends the workers
+    # the pool ends its workers with SIGTERM: not the parent's handler (Ctrl-C's), under which a worker waiting on
+    # the task queue's lock could outlive it and hang the parent's join
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@contextmanager
+def worker_pool(workers):
+    """A process pool whose workers ignore Ctrl-C, ended when the block is left (an error, Ctrl-C). SIGINT and SIGTERM
+    are held back while it forks: one arriving during a fork would be raised inside an at-fork hook, where Python
+    prints it and drops it, and the command would run on."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        pool = multiprocessing.Pool(workers, initializer=_worker_init)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    with pool:  # on an error or Ctrl-C: terminate
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a signal held back during the forks is raised here
+        yield pool
+        pool.close()  # done: the workers finish and leave by themselves
+        pool.join()
 
 
 def model_device(model):

@@ -11,13 +11,15 @@ classes of geometric figures, held in memory, that `python compare.py pretrain` 
 """
 import colorsys
 import json
-import multiprocessing
 import os
 import time
+from contextlib import suppress
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from runtime import worker_pool
 
 # -----------------------------------------------------------------------------
 # the synthetic dataset: garment-like figures with 5 independent attributes
@@ -122,6 +124,8 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
     """Write the synthetic set in the ASEN format: images/, filenames_*, label_train, query_/candidate_{valid,test},
     meta.json (last, so its presence marks a finished set). Deterministic in seed."""
     t0 = time.time()
+    with suppress(FileNotFoundError):  # a set being replaced stops being one until the new meta.json is written
+        os.remove(os.path.join(out, "meta.json"))
     rng = np.random.default_rng(seed)  # labels and splits; the pixels come from per-image generators
     attrs, nvals = list(SYNTH_ATTRIBUTES), [len(v) for v in SYNTH_ATTRIBUTES.values()]
     jobs = []
@@ -146,7 +150,7 @@ def make_synthetic(out, num_train=6000, num_query=400, num_candidate=1600, seed=
             with open(os.path.join(out, f"{role}_{split}.txt"), "w") as f:
                 f.writelines(f"{i} {a} {values[i, a]}\n" for i, a in rows)
     if workers > 1:
-        with multiprocessing.Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             for _ in pool.imap_unordered(_synth_one, jobs, chunksize=64):
                 pass
     else:
@@ -232,7 +236,7 @@ def make_shapes(num_images, img_size=32, seed=0, workers=2):
     labels = np.random.default_rng(seed).permutation(np.arange(num_images) % len(SHAPE_CLASSES))
     jobs = [(int(k), seed, i, img_size) for i, k in enumerate(labels)]
     if workers > 1:
-        with multiprocessing.Pool(workers) as pool:
+        with worker_pool(workers) as pool:
             images = pool.map(_shape_one, jobs, chunksize=64)
     else:
         images = [_shape_one(job) for job in jobs]

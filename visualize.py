@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cca import load_checkpoint, method_title
 from data import EVAL_MISSING, MEAN, STD, load_image
 from evaluate import embed_items, embed_split, open_split
-from runtime import autocast, device_arg, error_message, evaluating, model_device, number
+from runtime import autocast, device_arg, error_message, evaluating, model_device, number, output_folder
 
 # -----------------------------------------------------------------------------
 # layout (pixels)
@@ -546,7 +546,7 @@ def draw(args, model, meta, root, device) -> dict:
     """The pictures main's flags ask for, into --out; returns what they computed: {"attention": [PNG paths],
     "retrieval": retrieve's results, "embeddings": embedding_figure's scores}, the keys of the pictures drawn."""
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "figures")
-    os.makedirs(out, exist_ok=True)
+    output_folder(out, "--out folder")
     stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731
     others = []
     for path in args.compare:  # before any long work: each must embed the same attributes of the same split

@@ -9,8 +9,11 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -198,6 +201,16 @@ def test_a_full_disk_at_the_start_of_an_index_is_one_line_and_leaves_no_file(tmp
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_at_the_end_of_search_bench_leaves_no_file(tmp_path, monkeypatch):
+    def no_room(fd):  # the header and trailer written, then flushed to a disk that has no room for them
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(search.os, "fsync", no_room)
+    with pytest.raises(OSError, match="No space left"):
+        search.bench(1000, 3, [8], str(tmp_path), queries=1, device="cpu")
+    assert os.listdir(tmp_path) == []
+
+
 def test_compare_refuses_zero_epochs(capsys):
     import compare
 
@@ -285,3 +298,56 @@ def test_a_folder_another_live_run_writes_is_refused_and_a_stale_lock_taken_over
         sleeper.wait()
     train.main(argv)  # its process is gone: the lock is taken over, and released at the end
     assert os.path.exists(run / "last.pt") and not os.path.exists(run / "train.lock")
+
+
+def torchrun_train(root, out, extra, act=None):
+    """train.py under torchrun, 2 ranks on gloo: (exit code, stdout lines, stderr, seconds from `act` to the end).
+    act=(text, signal[, s]): when rank 0 prints a line holding text, send rank 1 the signal (SIGSTOP: it hangs, s seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--data",
+           "synthetic", "--data-root", root, "--out-dir", str(out), "--img-size", "32", "--out-dim", "16", "--batch-size",
+           "8", "--num-triplets", "96", "--workers", "0", "--log-every", "1", "--epochs", "3", "--eval-every", "100",
+           "--device", "cpu", *extra]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, acted = [], None
+    for line in p.stdout:
+        lines.append(line)
+        if act and acted is None and act[0] in line:
+            for pid in subprocess.check_output(["pgrep", "-P", str(p.pid)], text=True).split():
+                if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    os.kill(int(pid), act[1])
+                    acted = time.time()
+                    if act[1] == signal.SIGSTOP:  # woken once the other has timed out, so that torchrun ends it at once
+                        threading.Timer(act[2], os.kill, (int(pid), signal.SIGCONT)).start()
+    try:
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    return p.returncode, lines, p.stderr.read(), (time.time() - acted) if acted else None
+
+
+def losses(lines):
+    """{(epoch, step): (loss, triplet acc)} of rank 0's progress lines."""
+    found = (re.search(r"epoch (\d+)/\d+ step (\d+)/\d+ loss (\S+) triplet acc (\S+)", line) for line in lines)
+    return {m.groups()[:2]: m.groups()[2:] for m in found if m}
+
+
+def test_a_rank_killed_or_hung_mid_epoch_stops_the_others_and_resume_repeats_the_run(synth120, tmp_path):
+    rc, full, err, _ = torchrun_train(synth120, tmp_path / "full", [])
+    assert rc == 0, err[-3000:]
+    # SIGKILL rank 1 in epoch 2: rank 0 stops at once, in one line of its own; torchrun's summary names rank 1
+    rc, cut, err, took = torchrun_train(synth120, tmp_path / "cut", [], ("epoch 2/3 step 3/", signal.SIGKILL))
+    assert rc != 0 and took is not None and took < 60, err[-3000:]
+    assert "error: rank 0, epoch 2: another rank is gone" in err and "--resume" in err, err[-3000:]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", err), err[-3000:]
+    assert "Traceback" not in err.split("error: rank 0", 1)[0]  # nothing of ours before the line
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert saved["epoch"] == 0 and not [f for f in os.listdir(tmp_path / "cut") if f.endswith((".tmp", ".lock"))]
+    # resumed, it goes on from epoch 2 with the same losses, step for step, as the run never stopped
+    rc, resumed, err, _ = torchrun_train(synth120, tmp_path / "cut", ["--resume", str(tmp_path / "cut" / "last.pt")])
+    assert rc == 0, err[-3000:]
+    after, before = losses(resumed), losses(full)
+    assert len(after) == 24 and min(int(e) for e, _ in after) == 2 and all(before[k] == v for k, v in after.items())
+    # a rank that hangs (SIGSTOP) leaves the other waiting --dist-timeout seconds, then stopping with one line
+    rc, _, err, took = torchrun_train(synth120, tmp_path / "hung", ["--dist-timeout", "5"], ("epoch 2/3 step 3/", signal.SIGSTOP, 10))
+    assert rc != 0 and took < 60, err[-3000:]
+    assert "error: rank 0, epoch 2: no word from another rank for 5 s (--dist-timeout)" in err, err[-3000:]
