@@ -53,10 +53,11 @@ import torch
 import torch.distributed as dist
 
 from cca import load_checkpoint
+from decode import FileBytes, batched_decoder, decode_batch
 from data import IMAGE_EXTENSIONS, load_image, load_meta, normalise, read_filenames, read_image, read_labels
 from evaluate import gather_by_index, shard
 from runtime import (autocast, cleanup, default_device, device_arg, evaluating, exit_rank, fmt_time, held, model_device,
-                     number, output_folder, setup)
+                     number, output_file, output_folder, setup)
 
 MAGIC = b"CCAINDEX"
 DATA_OFFSET = 64
@@ -278,13 +279,14 @@ class ImageList(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, rank=0, world_size=1, log=print,
-                log_every=10.0):
+                log_every=10.0, decoder=None):
     """Embed every image of `paths` under every condition (model.embed_all: the trunk once per image) and write the
     index file `out`; return it read back (on every rank). meta: the checkpoint's meta (attribute and value names);
     labels: (N, K) value indices, -1 unknown, or None. Under torchrun each rank embeds every world_size-th image
     of each step's window and rank 0 writes the gathered window, so memory stays at one window whatever N is.
     On a GPU under bf16 autocast, as evaluate.py embeds. Images that cannot be read are left out and listed in
-    the index (Index.failed) and by `log`; raises ValueError if none can be read."""
+    the index (Index.failed) and by `log`; raises ValueError if none can be read. decoder: decode.batched_decoder()'s
+    to decode each batch's JPEGs on the model's device (workers then only read bytes), or None: pillow in the workers."""
     n, K, D, S = len(paths), model.cfg.num_conditions, model.cfg.out_dim, model.cfg.img_size
     if n == 0:
         raise ValueError(f"{out}: no images to index: the gallery is empty")
@@ -295,8 +297,12 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
     device = model_device(model)
     identity = dict(sha256=weights_sha256(model), config=asdict(model.cfg))
     mine = shard(n, rank, world_size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageList(paths, S), mine), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+    if decoder is None:  # workers decode (pillow) and hand uint8 images
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ImageList(paths, S), mine), batch_size=batch_size,
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+    else:  # workers read bytes; decode_batch decodes on the device
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(FileBytes(paths), mine), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=list)
     window = batch_size * world_size  # step j's batches hold the images j * window .. (j + 1) * window - 1
     steps = math.ceil(math.ceil(n / world_size) / batch_size)  # the same on every rank: the gathers pair up
     tmp = _tmp_name(out)
@@ -309,7 +315,7 @@ def build_index(model, paths, out, meta, labels=None, batch_size=64, workers=2, 
             for step in range(steps):
                 batch = next(batches, None)  # a rank whose shard is one image shorter may run out one step early
                 if batch is not None:
-                    images, idx, why = batch
+                    images, idx, why = batch if decoder is None else decode_batch(batch, S, device, decoder)
                     with autocast(device):
                         e = model.embed_all(normalise(images.to(device, non_blocking=True)))  # (b, K, D), unit norm
                     e, idx = e.float().half().reshape(len(idx), K * D), idx.to(device)
@@ -488,37 +494,40 @@ def bench(num_images, num_attributes, out_dims, folder, queries=5, device=None):
     print(f"query latency: {N:,} images x {K} attributes, float16, on {name} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     rng = np.random.default_rng(0)
     for D in out_dims:
-        path = os.path.join(folder, f"bench_{N}_{K}_{D}.idx")
+        path = os.path.join(folder, f"bench_{N}_{K}_{D}.{os.getpid()}.idx")
         t0 = time.time()
-        emb = _new_file(path, K, N, D, filled=2)
-        for a in range(2):
-            for s in range(0, N, 1 << 16):
-                x = rng.standard_normal((min(1 << 16, N - s), D), dtype=np.float32)
-                emb[a, s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        emb.flush()
-        del emb
-        header = _header(D, [f"images/{i:07d}.jpg" for i in range(N)], [f"attribute_{k}" for k in range(K)],
-                         [[] for _ in range(K)], checkpoint=dict(sha256="random", config={}))
-        _finish_file(path, path, header, N, np.arange(N))
-        print(f"\nout_dim {D}: {2 * K * N * D / 2**20:,.0f} MiB of vectors ({2 * N * D / 2**20:,.0f} MiB per attribute), "
-              f"written in {time.time() - t0:.0f} s")
-        t0 = time.perf_counter()
-        index = read_index(path)
-        print(f"  open the index (header with {N:,} paths):   {1e3 * (time.perf_counter() - t0):8.0f} ms")
-        q = torch.nn.functional.normalize(torch.randn(K, D), dim=1)
-        for attrs in (["attribute_0"], ["attribute_0", "attribute_1"]):
-            times = []
-            for i in range(queries + 1):  # the first reads the vectors from disk (or the page cache)
-                t0 = time.perf_counter()
-                query(index, q, attrs, topk=10, device=device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            warm = sorted(times[1:])[len(times[1:]) // 2]
-            print(f"  query under {len(attrs)} attribute(s), top 10: first {1e3 * times[0]:8.0f} ms, then median "
-                  f"{1e3 * warm:6.0f} ms ({N / warm / 1e6:.1f} M items/s)")
-        del index
-        os.remove(path)
+        try:  # a full disk (the header's write too) or Ctrl-C leaves no file behind
+            emb = _new_file(path, K, N, D, filled=2)
+            for a in range(2):
+                for s in range(0, N, 1 << 16):
+                    x = rng.standard_normal((min(1 << 16, N - s), D), dtype=np.float32)
+                    emb[a, s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+            emb.flush()
+            del emb
+            header = _header(D, [f"images/{i:07d}.jpg" for i in range(N)], [f"attribute_{k}" for k in range(K)],
+                             [[] for _ in range(K)], checkpoint=dict(sha256="random", config={}))
+            _finish_file(path, path, header, N, np.arange(N))
+            print(f"\nout_dim {D}: {2 * K * N * D / 2**20:,.0f} MiB of vectors ({2 * N * D / 2**20:,.0f} MiB per attribute), "
+                  f"written in {time.time() - t0:.0f} s")
+            t0 = time.perf_counter()
+            index = read_index(path)
+            print(f"  open the index (header with {N:,} paths):   {1e3 * (time.perf_counter() - t0):8.0f} ms")
+            q = torch.nn.functional.normalize(torch.randn(K, D), dim=1)
+            for attrs in (["attribute_0"], ["attribute_0", "attribute_1"]):
+                times = []
+                for i in range(queries + 1):  # the first reads the vectors from disk (or the page cache)
+                    t0 = time.perf_counter()
+                    query(index, q, attrs, topk=10, device=device)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                warm = sorted(times[1:])[len(times[1:]) // 2]
+                print(f"  query under {len(attrs)} attribute(s), top 10: first {1e3 * times[0]:8.0f} ms, then median "
+                      f"{1e3 * warm:6.0f} ms ({N / warm / 1e6:.1f} M items/s)")
+            del index
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 # -----------------------------------------------------------------------------
 # command line
@@ -535,6 +544,7 @@ def run_index(args):
     rank, world, device = setup(args.device)
     finished = False
     try:
+        output_file(args.out, "--out index")  # before the model loads or an image is read
         model, ckpt = load_model(args.ckpt, device)
         if args.images:
             paths, labels = gallery_paths(args.images), None
@@ -545,11 +555,15 @@ def run_index(args):
         if rank == 0:
             print(f"indexing {len(paths)} images under {model.cfg.num_conditions} attributes with {args.ckpt} "
                   f"({model.cfg.arch}, {model.cfg.img_size} px, out_dim {model.cfg.out_dim}) on {world} x {device}", flush=True)
+        decoder = batched_decoder() if args.decode == "batched" or args.decode == "auto" and device.type == "cuda" else None
+        if args.decode == "batched" and decoder is None:
+            raise ValueError("--decode batched needs TorchCodec or torchvision: pip install torchcodec")
+        if rank == 0:
+            print(f"decoding: {f'{decoder[0]} on {device}, in batches' if decoder else 'pillow in the loader workers'}", flush=True)
         t0 = time.time()
-        output_folder(os.path.dirname(os.path.abspath(args.out)), "folder of --out")
         with held(args.out + ".lock", args.out) if rank == 0 else contextlib.nullcontext():  # one live writer of --out
             index = build_index(model, paths, args.out, ckpt["meta"], labels, args.batch_size, args.workers, rank, world,
-                                log=lambda s: print(s, flush=True))
+                                log=lambda s: print(s, flush=True), decoder=decoder)
         if rank == 0:
             t = time.time() - t0
             print(f"wrote {args.out}: {len(index)} images x {model.cfg.num_conditions} attributes x {model.cfg.out_dim} "
@@ -561,6 +575,8 @@ def run_index(args):
 
 def run_query(args):
     device = torch.device(args.device or "cpu")
+    if args.out:
+        output_file(args.out, "--out picture")
     index = read_index(args.index)
     attribute_indices(index, args.attr)  # an unknown name fails before the model loads
     model, _ = load_model(args.ckpt, device)
@@ -602,6 +618,10 @@ def main(argv=None):
     q.add_argument("--batch-size", type=number(int, 1), default=64, help="images per batch per rank")
     q.add_argument("--workers", type=number(int, 0), default=4, help="image-decoding processes per rank")
     q.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
+    q.add_argument("--decode", choices=("auto", "batched", "pillow"), default="auto",
+                   help="batched: workers read bytes and the model's device decodes each batch's JPEGs (nvJPEG on a GPU; "
+                        "needs TorchCodec or torchvision); pillow: workers decode; auto (default): batched on a GPU when a "
+                        "decoder is installed")
     q = sub.add_parser("query", help="rank an index's images by similarity to a query image under attributes")
     q.add_argument("--index", required=True, help="an index file written by 'search.py index'")
     q.add_argument("--ckpt", required=True, help="the checkpoint the index was built with")
@@ -628,7 +648,8 @@ def main(argv=None):
         elif args.command == "query":
             run_query(args)
         else:
-            bench(args.num_images, args.num_attributes, args.out_dim, args.dir, args.queries, args.device)
+            bench(args.num_images, args.num_attributes, args.out_dim, output_folder(args.dir, "--dir"), args.queries,
+                  args.device)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

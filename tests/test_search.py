@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+import decode
 import search
 import visualize
 from cca import CCA, CCAConfig
-from data import load_image, load_meta, read_filenames, read_labels
-from synthetic import make_synthetic
+from data import load_image, load_meta, read_filenames, read_image, read_labels
+from synthetic import draw_garment, make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,3 +221,60 @@ def test_query_on_the_gpu_equals_the_cpu(tmp_path):
     gpu = search.query(index, q, ["a", "c"], topk=20, device="cuda")
     assert [h["index"] for h in cpu[:5]] == [h["index"] for h in gpu[:5]]
     assert [h["score"] for h in gpu] == pytest.approx([h["score"] for h in cpu], abs=2e-3)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A gallery of what a catalogue holds: JPEGs of several sizes (a progressive and a greyscale one among them), a
+    PNG, a CMYK JPEG, a corrupt JPEG and a text file named .jpg. Returns (paths, the two unreadable ones)."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (size, kw) in enumerate([(512, {}), (300, {}), (64, {}), (200, dict(progressive=True)), (96, {})]):
+        im = draw_garment([i % 4, i % 4, i % 4, i % 6, i % 4], rng, size=size, zoom=1)
+        paths.append(str(root / f"{i}.jpg"))
+        im.save(paths[-1], quality=90, **kw)
+    Image.open(paths[0]).convert("L").save(root / "grey.jpg", quality=90)
+    Image.open(paths[1]).save(root / "p.png")
+    Image.open(paths[1]).convert("CMYK").save(root / "cmyk.jpg", quality=90)
+    (root / "corrupt.jpg").write_bytes(open(paths[0], "rb").read()[:600])  # a header, then nothing
+    (root / "text.jpg").write_text("not an image")
+    paths += [str(root / f) for f in ("grey.jpg", "p.png", "cmyk.jpg", "corrupt.jpg", "text.jpg")]
+    return paths, paths[-2:]
+
+
+def test_jpeg_components_tells_what_the_batched_decoder_is_given(mixed):
+    paths, _ = mixed
+    parts = {os.path.basename(p): decode.jpeg_components(open(p, "rb").read()) for p in paths}
+    assert parts == {"0.jpg": 3, "1.jpg": 3, "2.jpg": 3, "3.jpg": 3, "4.jpg": 3, "grey.jpg": 1, "p.png": None,
+                     "cmyk.jpg": 4, "corrupt.jpg": 3, "text.jpg": None}
+
+
+@pytest.mark.skipif(decode.batched_decoder() is None, reason="needs TorchCodec or torchvision")
+def test_batched_decoding_falls_back_per_image_and_matches_read_image_within_the_bound(mixed, env, tmp_path):
+    paths, bad = mixed
+    decoder = decode.batched_decoder()
+    for S in (32, 224):
+        items = [decode.FileBytes(paths)[i] for i in range(len(paths))]
+        images, idx, why = decode.decode_batch(items, S, "cpu", decoder)  # the batch fails on corrupt.jpg: one by one
+        assert images.shape == (len(paths), 3, S, S) and images.dtype == torch.uint8 and idx.tolist() == list(range(len(paths)))
+        assert [p for p, w in zip(paths, why) if w] == bad and all(p in w for p, w in zip(paths, why) if w)
+        jpeg_diffs = []
+        for p, x in zip(paths, images):
+            if p in bad:
+                assert not x.any()
+                continue
+            diff = (x.int() - read_image(p, S).int()).abs().float().mean()
+            # PNG and CMYK go to read_image itself: the same pixels; JPEGs within the stated bound
+            assert diff == 0 if p.endswith(("png", "cmyk.jpg")) else diff <= decode.MEAN_BOUND, (p, S, float(diff))
+            jpeg_diffs += [] if p.endswith(("png", "cmyk.jpg")) else [diff]
+        assert max(jpeg_diffs) > 0  # the JPEGs did come from the batched decoder, not from read_image
+    # the index from batched decoding leaves out the same two files, and its vectors are the model's of those crops
+    logs = []
+    index = search.build_index(env["model"], paths, str(tmp_path / "b.idx"), env["meta"], batch_size=4, workers=0,
+                               log=logs.append, decoder=decoder)
+    plain = search.build_index(env["model"], paths, str(tmp_path / "p.idx"), env["meta"], batch_size=4, workers=0, log=logs.append)
+    assert index.paths == plain.paths == [p for p in paths if p not in bad]
+    assert [p for p, _ in index.failed] == [p for p, _ in plain.failed] == bad
+    cos = (torch.from_numpy(np.array(index.embeddings)).float() * torch.from_numpy(np.array(plain.embeddings)).float()).sum(-1)
+    assert cos.min() > 0.98  # random weights, unit vectors: the crops' small differences move them little
