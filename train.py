@@ -24,6 +24,7 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 import argparse
 import contextlib
 import os
+import signal
 import time
 
 import torch
@@ -38,7 +39,7 @@ from data import (DATASETS, EVAL_MISSING, TripletBatches, check_eval_images, des
                   training_set)
 from evaluate import NOT_COMPARABLE, chance_map, evaluate_split, format_results
 from runtime import (autocast, cleanup, default_device, device_arg, error_message, exit_rank, fmt_time, gpu_peak, held,
-                     output_folder, print0, setup, training_flops)
+                     number, output_folder, print0, setup, training_flops)
 
 # -----------------------------------------------------------------------------
 # the flags and their defaults, resolved once (resolve) before anything is trained
@@ -54,7 +55,7 @@ DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_0
             cache_images=True, eval_every=3)
 # Defaults that depend on nothing (img_size, num_triplets, compile and TF-CSN's penalties are worked out in resolve).
 GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, flip=True, lr_decay=0.985, weight_decay=0.0,
-               eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False)
+               eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False, compile_mode="default")
 
 # The flags that shape the model: --resume takes them from the checkpoint, and refuses a different value given.
 MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
@@ -64,6 +65,7 @@ MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
 # writes beside the checkpoint it resumes.
 RUN_FLAGS = MODEL_FLAGS + ("data", "seed", "num_triplets", "batch_size", "lr", "lr_decay", "trunk_warmup", "weight_decay", "margin",
                            "csn_embed_reg", "csn_mask_reg", "flip")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 FROM_CHECKPOINT = RUN_FLAGS + ("data_root", "epochs", "eval_every", "eval_missing", "cache_images")
 
 
@@ -119,9 +121,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="seed of the weights' initialisation and the triplet draws (default 0)")
     p.add_argument("--device", type=device_arg, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--log-every", type=int, help="steps between progress lines (default 20)")
+    p.add_argument("--dist-timeout", type=number(int, 1), default=1800,
+                   help="under torchrun: seconds a rank waits for the others in a collective before it stops with an "
+                        "error naming itself (default 1800: room for rank 0's validation and checkpoint)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step; checkpoints keep the plain weights (default: on with CUDA; off "
                         "on the CPU, where the demo's step gained nothing after about a minute of compiling)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile's mode (default: default). reduce-overhead replays the step's forward and backward "
+                        "from CUDA graphs, for a step bound by launching kernels (few triplets per GPU); bench.py measures each")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="feed the ResNet stem channels-last (NHWC) images on CUDA, the layout cuDNN's bf16 convolutions "
                         "prefer (default: off; bench.py measures both)")
@@ -168,7 +176,8 @@ def resolve(given, resume=None):
         args.img_size = 224 if args.arch == "vit_r50_b16" else 64
     if args.num_triplets is None:
         args.num_triplets = 200_000 if data == "zappos" else 100_000  # CSN's fixed list; ASEN++'s epoch
-    args.data_root = args.data_root or os.path.join("data", data)
+    # absolute, so that a checkpoint names its data wherever evaluate.py or --resume runs from
+    args.data_root = os.path.abspath(args.data_root or os.path.join("data", data))
     args.out_dir = args.out_dir or (os.path.dirname(os.path.abspath(given.resume)) if resume is not None else os.path.join("runs", data))
     if args.compile is None:
         args.compile = default_device(args.device).type == "cuda"
@@ -229,8 +238,12 @@ class Objective(nn.Module):
         return loss + penalty, acc
 
 
-def train_step(objective, optimizer, a, p, n, c, use_amp):
-    """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors."""
+def train_step(objective, optimizer, a, p, n, c, use_amp, graphed=False):
+    """One optimisation step on a batch of triplets; returns (loss, triplet accuracy) as device tensors, valid until
+    the next step when `graphed` (torch.compile's reduce-overhead mode replays the step from CUDA graphs, whose
+    outputs the next replay overwrites)."""
+    if graphed:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's outputs may be overwritten
     with autocast(a.device, enabled=use_amp):
         loss, acc = objective(a, p, n, c)
     optimizer.zero_grad(set_to_none=True)
@@ -247,14 +260,30 @@ def param_groups(model):
     return [dict(params=trunk, name="trunk"), dict(params=[p for p in model.parameters() if id(p) not in ids], name="rest")]
 
 
+def make_optimizer(model, args, device):
+    """Adam over param_groups, fused (one kernel for the whole update; a few per cent of the demo's CPU step, bench.py
+    3.), its rates as tensors (tensor_lrs); ExponentialLR steps the rate once per epoch (ASEN's schedule)."""
+    optimizer = torch.optim.Adam(param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True, capturable=True)
+    tensor_lrs(optimizer, device)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
+
+
+def tensor_lrs(optimizer, device):
+    """Each group's rate as a float32 tensor of its own on `device`, changed in place from then on (set_trunk_lr,
+    ExponentialLR's fill_): a step captured in a CUDA graph reads the rate from that memory each replay, where a
+    Python float would be frozen into the graph. Called again after load_state_dict, which puts floats back."""
+    for g in optimizer.param_groups:
+        g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+
+
 def set_trunk_lr(optimizer, step, warmup):
     """The trunk's rate is the scheduled rate times min(1, step / warmup); the other group carries the schedule."""
     trunk, rest = optimizer.param_groups
-    trunk["lr"] = rest["lr"] * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+    trunk["lr"].copy_(rest["lr"] * (min(1.0, step / warmup) if warmup > 0 else 1.0))
 
 
 def lr_text(optimizer):
-    trunk, rest = (g["lr"] for g in optimizer.param_groups)
+    trunk, rest = (float(g["lr"]) for g in optimizer.param_groups)
     return f"{rest:.2e}" if trunk == rest else f"{rest:.2e} (trunk {trunk:.2e})"
 
 
@@ -266,21 +295,51 @@ def nonfinite_error(first_bad, steps):
                               "on it (lower --lr?)")
 
 
+def lost_rank(e, rank, epoch, args):
+    """A collective that failed because another rank died or hung, as the ConnectionError that stops this rank with
+    one line; None for any other error. gloo raises these; NCCL's watchdog ends the process with its own message."""
+    text = str(e)
+    if "Timed out" in text or "timed out" in text:
+        what = f"no word from another rank for {args.dist_timeout} s (--dist-timeout): one of them hung or died"
+    elif "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text:
+        what = "another rank is gone (its connection closed): it died"
+    else:
+        return None
+    last = os.path.join(args.out_dir, "last.pt")
+    return ConnectionError(f"rank {rank}, epoch {epoch + 1}: {what}; continue with python train.py --resume {last}")
+
+
 # -----------------------------------------------------------------------------
 # training, in named steps: open the data, build the run, one epoch, validate and save
 
 
 def main(argv=None):
     args, resume = parse_args(argv)
-    rank, world, device = setup(args.device)
+    rank, world, device = setup(args.device, args.dist_timeout)
     finished = False
+    # SIGTERM (a scheduler, or torchrun ending the other ranks when one fails) as Ctrl-C: one line, the lock freed
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         train(args, resume, rank, world, device)
         finished = True
     except (OSError, ValueError, FloatingPointError) as e:  # a missing or corrupt file, a bad split file, a nan loss
         raise SystemExit(f"error: {error_message(e)}")
+    except KeyboardInterrupt:
+        last = os.path.join(args.out_dir, "last.pt")
+        why = " (under torchrun: another rank failed; the launcher's summary names it)" if world > 1 else ""
+        kept = (f"{last} holds the last finished epoch: continue with python train.py --resume {last}"
+                if os.path.isfile(last) else "no epoch had finished, nothing was saved")
+        raise SystemExit(f"error: rank {rank}: stopped by Ctrl-C or SIGTERM{why}; {kept}")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         cleanup(finished)
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM as Ctrl-C. The loader workers get the same signal and die by it; the DataLoader's SIGCHLD handler
+    would then raise an error of its own in the middle of the stop, so SIGCHLD goes back to its default first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise KeyboardInterrupt
 
 
 def open_data(args, rank, world):
@@ -320,9 +379,7 @@ def build(args, resume, meta, device, rank):
     model.to(device)
     print0(f"model {cfg.arch}, method {cfg.method} (type-{cfg.condition_type} condition token for cca), {K} conditions, "
            f"img {cfg.img_size}: {count_parameters(model):,} parameters")
-    # fused: one kernel for the whole update (CUDA and CPU); a few per cent of the demo's CPU step (bench.py, 3.)
-    optimizer = torch.optim.Adam(param_groups(model), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)  # stepped once per epoch
+    optimizer, scheduler = make_optimizer(model, args, device)
     start_epoch, best, history = 0, -1.0, []
     if resume is not None:
         if resume["config"]["num_conditions"] != K:
@@ -331,16 +388,21 @@ def build(args, resume, meta, device, rank):
         try:
             optimizer.load_state_dict(resume["optimizer"])
             scheduler.load_state_dict(resume["scheduler"])
+            tensor_lrs(optimizer, device)
         except (ValueError, KeyError) as e:
             raise ValueError(f"{args.resume}: its optimizer state does not fit the model ({e})") from None
         start_epoch, best, history = resume["epoch"] + 1, resume["best_metric"], resume["history"]
         print0(f"resumed from {args.resume} at epoch {start_epoch} (best so far {best:.4f})")
     objective = step = Objective(model, args.margin, args.channels_last and device.type == "cuda")
-    if args.compile:
-        step = torch.compile(step)  # compiles on the first steps (a minute or more for the paper's model)
     if dist.is_initialized():
-        step = DDP(step, device_ids=[device.index] if device.type == "cuda" else None)
-    print0(f"torch.compile {'on' if args.compile else 'off'}, channels-last {'on' if objective.channels_last else 'off'}")
+        # DDP first, then compile, as PyTorch's torch.compile FAQ has it: Dynamo's DDPOptimizer then splits the graph
+        # at DDP's bucket boundaries, so that each bucket's all-reduce starts while the backward goes on.
+        # gradient_as_bucket_view: the gradients live in the buckets themselves (no copy into them, no second copy).
+        step = DDP(step, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if args.compile:  # compiles on the first steps (a minute or more for the paper's model); static shapes
+        step = torch.compile(step, mode=args.compile_mode, dynamic=False)
+    mode = f"on, mode {args.compile_mode}" if args.compile else "off"
+    print0(f"torch.compile {mode}, channels-last {'on' if objective.channels_last else 'off'}")
     return model, step, optimizer, scheduler, start_epoch, best, history
 
 
@@ -377,12 +439,18 @@ def train(args, resume, rank, world, device):
         clock = dict(start=time.time(), done=0, total=(args.epochs - start_epoch) * steps, flops=flops, peak=peak)
         for epoch in range(start_epoch, args.epochs):
             batches = TripletBatches(sampler.epoch(epoch), store, per_rank, args.flip)
-            train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, world, clock)
-            scheduler.step()
-            record = dict(epoch=epoch, lr=optimizer.param_groups[1]["lr"])
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, rank, world, chance, epoch, best,
-                                         history, record)
+            try:
+                train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, world, clock)
+                scheduler.step()
+                record = dict(epoch=epoch, lr=float(optimizer.param_groups[1]["lr"]))
+                if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                    best = validate_and_save(args, model, optimizer, scheduler, meta, root, device, rank, world, chance, epoch,
+                                             best, history, record)
+            except RuntimeError as e:
+                lost = lost_rank(e, rank, epoch, args) if world > 1 else None
+                if lost is None:
+                    raise
+                raise lost from None
             history.append(record)
             if rank == 0:
                 save_checkpoint(os.path.join(args.out_dir, "last.pt"), model, optimizer, scheduler, epoch, best, args, meta, history)
@@ -394,6 +462,7 @@ def train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, 
     # the random flips depend on (seed, epoch, rank) only, so a resumed run repeats an uninterrupted one
     torch.manual_seed(args.seed + 1000 * epoch + rank)
     use_amp = device.type == "cuda"
+    graphed = args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda"
     if args.workers == 0:  # a batch is a few tensor ops (stored images) or decodes (files) in this process
         loader = (batches[i] for i in range(steps))
     else:  # workers build whole uint8 batches
@@ -410,7 +479,7 @@ def train_one_epoch(args, step, optimizer, batches, epoch, steps, device, rank, 
             break
         a, p, n, c = (t.to(device, non_blocking=True) for t in (a, p, n, c))
         set_trunk_lr(optimizer, epoch * steps + i, args.trunk_warmup)
-        loss, acc = train_step(step, optimizer, a, p, n, c, use_amp)
+        loss, acc = train_step(step, optimizer, a, p, n, c, use_amp, graphed)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), epoch * steps + i, first_bad)
         loss_sum += loss  # accumulated on the device: no host sync inside the step
         acc_sum += acc

@@ -293,11 +293,12 @@ def test_trunk_warmup_holds_the_trunk_and_trains_the_rest(synth120, tmp_path):
     assert {names[id(p)] for p in trunk["params"]} == {n for n, p in model.named_parameters() if p.grad is not None}
     assert {names[id(p)].split(".")[0] for p in rest["params"]} == {"blocks", "norm", "condition", "head"}
     opt = torch.optim.Adam([trunk, rest], lr=1e-3)
+    train.tensor_lrs(opt, torch.device("cpu"))  # as train.make_optimizer
     for step, factor in ((0, 0.0), (5, 0.5), (10, 1.0), (99, 1.0)):
         train.set_trunk_lr(opt, step, 10)
-        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-3 * factor)
     train.set_trunk_lr(opt, 0, 0)
-    assert opt.param_groups[0]["lr"] == 1e-3  # no warmup
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-3, rel=1e-7)  # no warmup
     # two steps with a warmup far longer than the run: the trunk stays put (rates 0 and 1e-9 of lr), block L moves
     train.main(common(synth120, tmp_path) + ["--epochs", "1", "--trunk-warmup", "1000000000"])
     torch.manual_seed(0)  # train.py --seed 0 draws these initial weights
@@ -552,6 +553,9 @@ def test_a_corrupt_image_read_in_a_loader_worker_stops_the_run_with_one_line_nam
                         "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and f"error: cannot read image {path}: " in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 1/" not in r.stdout and not os.path.exists(tmp_path / "run" / "last.pt")
+    # the other rank stops with one line of its own (torchrun's SIGTERM, or its lost peer), no Python traceback
+    ours = r.stderr.split("ChildFailedError")[0]
+    assert re.search(r"error: rank 1(, epoch 1)?: ", ours) and "Exception ignored" not in ours, ours[-3000:]
 
 
 def test_user_errors_are_one_line_or_a_flag_error(synth120, tmp_path, capsys, monkeypatch):
@@ -616,3 +620,54 @@ def test_no_flip_trains_on_unmirrored_images(synth120, tmp_path, monkeypatch):
         same = (x == y).flatten(3).all(-1)
         assert torch.equal(x.flip(-1)[~same], y[~same]) and (~same).any()
     assert torch.load(tmp_path / "plain" / "last.pt", weights_only=True)["args"]["flip"] is False
+
+
+def test_tensor_learning_rates_follow_the_float_schedule_and_checkpoints_load_into_a_plain_model(tmp_path):
+    """The rates live in tensors changed in place (what a CUDA-graphed step needs). Over 3 epochs of 4 steps, with the
+    trunk's warm-up ending inside epoch 2 and ExponentialLR stepping at each epoch's end, the weights match
+    today's schedule written with float rates, step for step; the checkpoint then loads strictly into a plain model
+    and its optimizer into a fresh one."""
+    args = train.argparse.Namespace(lr=3e-3, weight_decay=0.0, lr_decay=0.8, trunk_warmup=6)
+    cfg = CCAConfig(arch="tiny", num_conditions=3, img_size=32, out_dim=16)
+    torch.manual_seed(0)
+    ours, ref = CCA(cfg), CCA(cfg)
+    ref.load_state_dict(ours.state_dict())
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    opt, sched = train.make_optimizer(ours, args, torch.device("cpu"))
+    lr_tensors = [g["lr"] for g in opt.param_groups]
+    ref_opt = torch.optim.Adam(train.param_groups(ref), lr=args.lr, fused=True)  # the float rates, as before
+    ref_sched = torch.optim.lr_scheduler.ExponentialLR(ref_opt, gamma=args.lr_decay)
+    g = torch.Generator().manual_seed(1)
+    for epoch in range(3):
+        for i in range(4):
+            s = epoch * 4 + i
+            a, p, n = torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8, generator=g)
+            c = torch.randint(0, 3, (4,), generator=g)
+            train.set_trunk_lr(opt, s, args.trunk_warmup)
+            ref_opt.param_groups[0]["lr"] = ref_opt.param_groups[1]["lr"] * min(1.0, s / args.trunk_warmup)
+            train.train_step(train.Objective(ours, 0.2), opt, a, p, n, c, use_amp=False)
+            train.train_step(train.Objective(ref, 0.2), ref_opt, a, p, n, c, use_amp=False)
+            rates = [float(g_["lr"]) for g_ in opt.param_groups], [g_["lr"] for g_ in ref_opt.param_groups]
+            assert rates[0] == pytest.approx(rates[1], rel=1e-6) and rates[0][0] < rates[0][1] or s >= args.trunk_warmup
+        sched.step()
+        ref_sched.step()
+    assert [g_["lr"] for g_ in opt.param_groups] == lr_tensors  # the same tensors, changed in place, never replaced
+    assert float(opt.param_groups[1]["lr"]) == pytest.approx(args.lr * args.lr_decay**3, rel=1e-6)
+    for (name, w), w_ref, w0 in zip(ours.state_dict().items(), ref.state_dict().values(), start.values()):
+        if name.endswith("attn.qkv.bias"):  # the keys' bias has no gradient but rounding noise (a softmax ignores a
+            d = w.shape[0] // 3             # shift of all keys), which Adam scales up to full steps: left out
+            w, w_ref, w0 = (torch.cat([t[:d], t[2 * d:]]) for t in (w, w_ref, w0))
+        assert (w - w_ref).abs().max() <= 1e-3 * (w_ref - w0).abs().max() + 1e-7, name  # apart << moved
+    # the checkpoint of the new path: plain weights, a strict load; its optimizer resumes into a fresh one
+    meta = dict(name="synthetic", attributes=["a", "b", "c"])
+    cca_ckpt = tmp_path / "last.pt"
+    train.save_checkpoint(str(cca_ckpt), ours, opt, sched, 2, 0.5, args, meta, [])
+    saved = torch.load(cca_ckpt, weights_only=True)
+    plain = CCA(cfg)
+    plain.load_state_dict(saved["model"], strict=True)
+    fresh, fresh_sched = train.make_optimizer(plain, args, torch.device("cpu"))
+    fresh.load_state_dict(saved["optimizer"])
+    fresh_sched.load_state_dict(saved["scheduler"])
+    train.tensor_lrs(fresh, torch.device("cpu"))
+    assert all(isinstance(g_["lr"], torch.Tensor) for g_ in fresh.param_groups)
+    assert [float(g_["lr"]) for g_ in fresh.param_groups] == [float(g_["lr"]) for g_ in opt.param_groups]
