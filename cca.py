@@ -773,9 +773,8 @@ RESUME_KEYS = ("optimizer", "scheduler", "best_metric", "history")  # what resum
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary name beside `path` (one of this process's own), then rename: the file at `path` is
-    always a whole one. A write that fails (a full disk, a read-only folder) removes the temporary file, leaves the
-    file at `path` as it was, and raises OSError saying where and how much was needed."""
+    """torch.save to a temporary name of this process's own beside `path`, then rename: `path` is always whole. A failed
+    write (full disk, read-only folder) removes the temporary file, keeps `path` and raises OSError saying how much."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         torch.save(obj, tmp)
@@ -788,10 +787,10 @@ def save_atomic(obj, path):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise OSError(f"{path}: not written: the folder {folder} does not exist") from None
-        free = shutil.disk_usage(folder).free
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"{path}: not written ({cause}); it needs about {tensor_bytes(obj) / 2**20:,.0f} MiB, "
-                      f"{free / 2**20:,.0f} MiB are free in {folder}; any earlier file there is intact") from None
+                      f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB are free in {folder}; any earlier file there is "
+                      "intact") from None
 
 
 def tensor_bytes(obj):
