@@ -318,7 +318,7 @@ def main(argv=None):
     rank, world, device = setup(args.device, args.dist_timeout)
     finished = False
     # SIGTERM (a scheduler, or torchrun ending the other ranks when one fails) as Ctrl-C: one line, the lock freed
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    before = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         train(args, resume, rank, world, device)
         finished = True
@@ -331,7 +331,7 @@ def main(argv=None):
                 if os.path.isfile(last) else "no epoch had finished, nothing was saved")
         raise SystemExit(f"error: rank {rank}: stopped by Ctrl-C or SIGTERM{why}; {kept}")
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, before)
         cleanup(finished)
 
 

@@ -337,7 +337,9 @@ def test_a_rank_killed_or_hung_mid_epoch_stops_the_others_and_resume_repeats_the
     # SIGKILL rank 1 in epoch 2: rank 0 stops at once, in one line of its own; torchrun's summary names rank 1
     rc, cut, err, took = torchrun_train(synth120, tmp_path / "cut", [], ("epoch 2/3 step 3/", signal.SIGKILL))
     assert rc != 0 and took is not None and took < 60, err[-3000:]
-    assert "error: rank 0, epoch 2: another rank is gone" in err and "--resume" in err, err[-3000:]
+    # which comes first, gloo's closed connection or torchrun's SIGTERM, is a race: either line is right
+    assert re.search(r"error: rank 0(, epoch 2: another rank is gone|: stopped by Ctrl-C or SIGTERM)", err), err[-3000:]
+    assert "--resume" in err.split("error: rank 0", 1)[1].splitlines()[0], err[-3000:]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: -9", err), err[-3000:]
     assert "Traceback" not in err.split("error: rank 0", 1)[0]  # nothing of ours before the line
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
