@@ -282,28 +282,27 @@ def issue_time(step, steps=5):
     return sorted(times)[steps // 2]
 
 
-def kernel_time(step, steps=3):
-    """The GPU time of one step's kernels (their sum, without the gaps between them), from the profiler."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / steps / 1e6
-
-
-def profile_step(step, T, steps=5):
-    """Where a compiled training step's GPU time goes: the kernels with the most time over `steps` steps."""
+def gpu_kernels(step, steps):
+    """The CUDA kernels of `steps` calls of step, from the profiler: (their events, their total GPU microseconds).
+    Only the kernels themselves: a CPU operator (aten::mm) is credited its kernels' time too, which would count twice."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    # the GPU kernels themselves: a CPU operator (aten::mm) is credited its kernels' time too, which would count it twice
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    total = sum(e.self_device_time_total for e in events)
+    return events, sum(e.self_device_time_total for e in events)
+
+
+def kernel_time(step, steps=3):
+    """The GPU time of one step's kernels (their sum, without the gaps between them), in seconds."""
+    return gpu_kernels(step, steps)[1] / steps / 1e6
+
+
+def profile_step(step, T, steps=5):
+    """Where a compiled training step's GPU time goes: the kernels with the most time over `steps` steps."""
+    events, total = gpu_kernels(step, steps)
     print(f"\n   profile of the compiled step, {T} triplets, {steps} steps: {total / steps / 1e3:.1f} ms of GPU kernels a step; "
           f"the kernels with the most time:")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:15]:

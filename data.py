@@ -168,7 +168,8 @@ def check_folder(name, root):
         raise ValueError(f"{looks_like(root, found)}, not {TITLES[name]}: add --data {found[0]}")
     if name == "synthetic" and not found and os.path.exists(os.path.join(root, "meta.json")):
         try:  # one that is not JSON at all says so
-            json.load(open(os.path.join(root, "meta.json"), encoding="utf-8-sig"))
+            with open(os.path.join(root, "meta.json"), encoding="utf-8-sig") as f:
+                json.load(f)
         except ValueError as e:
             raise ValueError(f"{os.path.join(root, 'meta.json')}: not valid JSON: {e}") from None
         raise ValueError(f"{os.path.join(root, 'meta.json')} is not a synthetic set's meta.json (no SYNTHETIC_VERSION): "
@@ -325,13 +326,21 @@ def read_image(path, img_size):
         raise FileNotFoundError(f"image not found: {path}") from None
     except Exception as e:  # truncated, not an image, decompression bomb: say which file
         raise OSError(f"cannot read image {path}: {e}") from e
-    w, h = im.size
-    if min(w, h) != img_size:  # torchvision Resize(int): short side = S, long side truncated
-        w, h = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
-        im = im.resize((w, h), Image.BILINEAR)
-    left, top = int(round((w - img_size) / 2)), int(round((h - img_size) / 2))  # torchvision CenterCrop
+    size, (left, top) = resize_plan(*im.size, img_size)
+    if size:
+        im = im.resize(size, Image.BILINEAR)
     im = im.crop((left, top, left + img_size, top + img_size))
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def resize_plan(w, h, img_size):
+    """read_image's geometry for a w x h image: the (w, h) its short side is resized to S at (torchvision's
+    Resize(int): the long side truncated; None when the short side is S already), and the (left, top) of the centre
+    crop in it (torchvision's CenterCrop). decode.py follows the same plan on the GPU."""
+    size = None
+    if min(w, h) != img_size:
+        size = w, h = (img_size, int(img_size * h / w)) if w <= h else (int(img_size * w / h), img_size)
+    return size, (int(round((w - img_size) / 2)), int(round((h - img_size) / 2)))
 
 
 def normalise(x):

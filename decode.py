@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from data import read_image
+from data import read_image, resize_plan
 
 MEAN_BOUND = 6.0  # levels of 255: the largest mean |batched - read_image| of one image that the tests allow
 
@@ -87,15 +87,12 @@ class FileBytes(torch.utils.data.Dataset):
 
 
 def resize_crop(image, img_size):
-    """(3, H, W) uint8 -> (3, S, S) uint8 on its device, as read_image: the short side to S (bilinear, antialiased;
-    the long side truncated as torchvision's Resize(int)), then the centre crop (torchvision's CenterCrop)."""
-    _, h, w = image.shape
-    if min(h, w) != img_size:
-        size = (int(img_size * h / w), img_size) if w <= h else (img_size, int(img_size * w / h))
-        x = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    """(3, H, W) uint8 -> (3, S, S) uint8 on its device, by read_image's plan (data.resize_plan): the short side to S,
+    bilinear and antialiased as pillow's resize, then the centre crop."""
+    size, (left, top) = resize_plan(image.shape[2], image.shape[1], img_size)
+    if size:
+        x = F.interpolate(image[None].float(), size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
         image = x[0].round_().clamp_(0, 255).to(torch.uint8)
-        h, w = size
-    top, left = int(round((h - img_size) / 2)), int(round((w - img_size) / 2))
     return image[:, top:top + img_size, left:left + img_size]
 
 

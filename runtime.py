@@ -208,9 +208,9 @@ def _worker_init():
 
 @contextmanager
 def worker_pool(workers):
-    """A process pool whose workers ignore Ctrl-C, ended when the block is left (an error, Ctrl-C). SIGINT and SIGTERM
-    are held back while it forks: one arriving during a fork would be raised inside an at-fork hook, where Python
-    prints it and drops it, and the command would run on."""
+    """A process pool whose workers ignore Ctrl-C: closed and joined when the block ends, terminated when it is left by
+    an error or Ctrl-C. SIGINT and SIGTERM are held back while it forks: one arriving during a fork would be raised
+    inside an at-fork hook, where Python prints it and drops it, and the command would run on."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         pool = multiprocessing.Pool(workers, initializer=_worker_init)

@@ -277,9 +277,12 @@ def tensor_lrs(optimizer, device):
 
 
 def set_trunk_lr(optimizer, step, warmup):
-    """The trunk's rate is the scheduled rate times min(1, step / warmup); the other group carries the schedule."""
+    """The trunk's rate is the scheduled rate times min(1, step / warmup); the other group carries the schedule. Past
+    the warm-up there is nothing to do, and no work in the step: ExponentialLR scales both groups' equal rates alike."""
+    if step > warmup:
+        return
     trunk, rest = optimizer.param_groups
-    trunk["lr"].copy_(rest["lr"] * (min(1.0, step / warmup) if warmup > 0 else 1.0))
+    trunk["lr"].copy_(rest["lr"] * (step / warmup if warmup > 0 else 1.0))
 
 
 def lr_text(optimizer):
