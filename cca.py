@@ -38,11 +38,13 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # configuration
 
-# The sizes of each architecture. "vit_r50_b16" is the paper's backbone (ViT paper, R50+ViT-B/16);
-# "tiny" is the same hybrid structure scaled down so that it trains in minutes on a laptop CPU.
+# The sizes of each architecture. "vit_r50_b16" is the paper's backbone (ViT paper, R50+ViT-B/16); "tiny" is the
+# same hybrid structure scaled down so that it trains in minutes on a laptop CPU; "mini" keeps the paper's
+# proportions at a small width (12 blocks, so CCA shares 11 of 12 with the baselines; stride 4, an 8 x 8 grid at 32 px).
 ARCH_SIZES = {
     "vit_r50_b16": dict(layers=(3, 4, 9), stem_width=64, gn_groups=32, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4),
     "tiny": dict(layers=(1, 1), stem_width=16, gn_groups=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4),
+    "mini": dict(layers=(1,), stem_width=16, gn_groups=8, embed_dim=64, depth=12, num_heads=8, mlp_ratio=4),
 }
 
 METHODS = ("cca", "triplet", "csn", "asen")
@@ -60,6 +62,8 @@ class CCAConfig:
     img_size: int = 224
     out_dim: int = 1024  # width of the output embedding (ASEN used 1024)
     method: str = "cca"  # "cca", or a comparison method of the paper's tables: "triplet", "csn", "asen"
+    asen_width: int = 0  # TF-ASEN's joint width; 0: ASEN's 512 at D = 768, scaled with D (ASENAttention)
+    mask_init: tuple = (0.9, 0.7)  # (mean, std) of the normal that draws Type-2's M: CSN's
 
     def __post_init__(self):
         if self.arch not in ARCH_SIZES:
@@ -73,6 +77,8 @@ class CCAConfig:
         if self.img_size < self.stride or self.img_size % self.stride != 0:
             raise ValueError(f"img_size must be a positive multiple of {self.stride}, the output stride of arch {self.arch!r}, "
                              f"got {self.img_size}")
+        self.asen_width = self.asen_width or round(self.sizes["embed_dim"] * 512 / 768)
+        self.mask_init = tuple(self.mask_init)  # a list after a checkpoint's JSON-like round trip
 
     @property
     def sizes(self):
@@ -294,8 +300,8 @@ class ConditionToken(nn.Module):
         if self.condition_type == 1:
             self.fc = nn.Linear(K, D)  # eq. 2: q_c = FC(onehot(c))
         else:
-            # eq. 3: q_c = FC(ReLU(M[c, :])), M the K x D mask table of CSN, with CSN's initialisation
-            self.mask = nn.Parameter(torch.empty(K, D).normal_(mean=0.9, std=0.7))
+            # eq. 3: q_c = FC(ReLU(M[c, :])), M the K x D mask table of CSN, by default with CSN's initialisation
+            self.mask = nn.Parameter(torch.empty(K, D).normal_(*cfg.mask_init))
             self.fc = nn.Linear(D, D)
 
     def forward(self, c):
@@ -491,7 +497,8 @@ class ASENAttention(ConditionalPart):
     so it lies in [-1, 1] and one location gets at most e^2 / (e^2 + N - 1) of the weight (3.7% of 196 locations at
     224 px) however large the weights grow: ASEN's spatial attention is soft by construction. A 1x1 conv on a grid is
     a Linear layer on its tokens (the same weights up to a reshape): we keep the tokens, sparing two reshapes. ASEN's
-    512 (the spatial attention's joint width, the channel attention's hidden width) is kept at every size; its 1024,
+    512 (the spatial attention's joint width, the channel attention's hidden width) is kept at ViT-B's width D = 768 and
+    scaled with D at the small archs (85 at tiny's 128), so that the part is as large beside the backbone; its 1024,
     the width of its feature map (ResNet-50's third stage), is the token width D, as the attended feature, the channel
     weights and the attribute's channel vector meet the tokens element by element. Biases and initialisation follow
     ASEN: no bias in the two attribute FCs, one in the projections and the two channel FCs, PyTorch's default
@@ -501,9 +508,9 @@ class ASENAttention(ConditionalPart):
     like every method's head (truncated normal, std 0.02, zero bias) to load and train as theirs do; the grid follows
     the image (ASEN fixes 14 x 14); the one-hot's bias-free FC is a column lookup of its weight (the same product)."""
 
-    def __init__(self, cfg, joint=512):
+    def __init__(self, cfg):
         super().__init__(cfg)
-        K, D = cfg.num_conditions, cfg.sizes["embed_dim"]
+        K, D, joint = cfg.num_conditions, cfg.sizes["embed_dim"], cfg.asen_width
         self.attr_spatial = nn.Linear(K, joint, bias=False)  # spatial attention: A_s, ASEN's mask_fc1
         self.feat_proj = nn.Linear(D, joint)  # W_s, ASEN's conv1 (1x1)
         self.score = nn.Linear(joint, 1)  # w_p, ASEN's conv2 (1x1, to one channel)
@@ -859,7 +866,7 @@ def load_model_state(model, state, path):
 def load_checkpoint(path, device="cpu"):
     """(model, checkpoint dict) from a train.py checkpoint; the model in eval mode on `device`."""
     ckpt = read_checkpoint(path)
-    model = build_model(CCAConfig(**ckpt["config"]))
+    model = build_model(CCAConfig(**{"asen_width": 512, **ckpt["config"]}))  # before 2026-12-02 TF-ASEN was 512 wide at every size
     load_model_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 

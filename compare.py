@@ -6,6 +6,7 @@ The paper's comparison (Table 2) in miniature: every method on the same backbone
     python compare.py --methods cca2 triplet        # a subset
     python compare.py --epochs 10                   # a smaller budget for every method
     python compare.py --jobs 15 --device cuda       # 15 trainings at once on one GPU (each a process)
+    python compare.py --methods cca2 asen --variant base= --variant m02="--margin 0.2"   # an ablation grid
 
 Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with train.py (its defaults for the
 dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
@@ -15,6 +16,10 @@ paper's FashionAI totals beside. A run whose OUT_DIR/seedS/NAME/best.pt exists i
 retrain). Writes OUT_DIR/table.md, OUT_DIR/results.json (every seed's numbers, and the mean, min, max and standard
 deviation) and OUT_DIR/embeddings.png (CCA Type-2 beside the Triplet network for the first seed, the paper's
 Figure 5).
+
+An ablation grid: each `--variant NAME=FLAGS` adds train.py flags to every method's run (NAME= alone: none, the
+defaults), trained into OUT_DIR/NAME/seedS/METHOD; the table has one row per method and variant, in the order given,
+and the flags of each variant under it. A variant's flags are checked with train.py's parser before anything trains.
 
 From a pretrained trunk, in miniature. The paper fine-tunes every method from ImageNet-21k weights; here a trunk is
 pretrained on another image family with its own classes (synthetic.py's shapes set: 8 figures x 3 fills, 24 classes,
@@ -32,6 +37,8 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -59,6 +66,17 @@ METHODS = {
     "cca2": (METHOD_TITLES["cca", 2], ["--method", "cca", "--condition-type", "2"], 69.03),
 }
 PAPER_RANDOM = 15.79
+
+
+def variant_arg(text):
+    """--variant's type: 'NAME=FLAGS' -> (NAME, [train.py flags])."""
+    name, sep, flags = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FLAGS, e.g. m02='--margin 0.2' (NAME: letters, digits, _ . -)")
+    try:
+        return name, shlex.split(flags)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def random_row(items, dim, seed):
@@ -133,12 +151,18 @@ def main(argv=None):
     p.add_argument("--jobs", type=number(int, 1), default=1,
                    help="trainings run at once, each in its own train.py process with its output in OUT_DIR/seedS/NAME/train.log "
                         "(default: 1, in this process). The tiny models leave a GPU mostly idle: several share it well")
+    p.add_argument("--variant", type=variant_arg, action="append", default=None, metavar="NAME=FLAGS",
+                   help="an ablation: these train.py flags for every method, into OUT_DIR/NAME (repeat for a grid; NAME= alone: "
+                        "the defaults); the table has a row per method and variant")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every method (put last)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
+    variants = dict(args.variant or [(None, [])])  # name -> flags; None: no grid, the runs in OUT_DIR/seedS/METHOD
+    if len(variants) != len(args.variant or [None]):
+        p.error(f"--variant repeats a name: {[v for v, _ in args.variant]}")
     if args.pretrained and not os.path.isfile(args.pretrained):
         p.error(f"--pretrained {args.pretrained}: no such file (make one with: python compare.py pretrain --out {args.pretrained})")
     out_dir = output_folder(args.out_dir or os.path.join("runs", "compare-pretrained" if args.pretrained else "compare"),
@@ -151,55 +175,65 @@ def main(argv=None):
         common += ["--pretrained", args.pretrained, "--trunk-warmup", "0"]
     if args.device:
         common += ["--device", args.device]
+    grid = [(v, name) for v in variants for name in args.methods]  # the table's rows, random embeddings' aside
+    label = {(v, name): METHODS[name][0] + (f", {v}" if v else "") for v, name in grid}
+    for v, name in grid:  # a flag train.py refuses stops the grid now, not after hours of the other runs
+        train.parse_args(common + METHODS[name][1] + variants[v] + args.train_args)
     A, t_all = len(meta["attributes"]), time.time()
-    runs = {name: {} for name in ["random"] + args.methods}  # name -> seed -> result
-    todo, seconds = [], {}  # (seed, name, out, train.py flags) to train; (seed, name) -> training seconds
+    runs = {key: {} for key in [(None, "random")] + grid}  # (variant, name) -> seed -> result
+    todo, seconds = [], {}  # (label, out, train.py flags) to train; out -> training seconds
+    folder = {(v, seed, name): os.path.join(out_dir, *([v] if v else []), f"seed{seed}", name) for v, name in grid for seed in args.seeds}
     for seed in args.seeds:
-        for name in args.methods:
-            out = os.path.join(out_dir, f"seed{seed}", name)
+        for v, name in grid:
+            out = folder[v, seed, name]
             if os.path.isfile(os.path.join(out, "best.pt")):
-                print(f"== {METHODS[name][0]}, seed {seed}: {out}/best.pt exists, not trained again")
+                print(f"== {label[v, name]}, seed {seed}: {out}/best.pt exists, not trained again")
             else:
-                todo.append((seed, name, out, common + METHODS[name][1] + ["--seed", str(seed), "--out-dir", out] + args.train_args))
+                todo.append((f"{label[v, name]}, seed {seed}", out, common + METHODS[name][1] + variants[v] +
+                             ["--seed", str(seed), "--out-dir", out] + args.train_args))
     if args.jobs == 1:
-        for seed, name, out, flags in todo:
-            print(f"== {METHODS[name][0]}, seed {seed}: training into {out}")
+        for what, out, flags in todo:
+            print(f"== {what}: training into {out}")
             t0 = time.time()
             train.main(flags)
-            seconds[seed, name] = time.time() - t0
+            seconds[out] = time.time() - t0
     else:
         seconds = train_in_parallel(todo, args.jobs)
     figure = {}  # the first seed's CCA Type-2 and Triplet network: (model, items, features) for the embeddings picture
     for seed in args.seeds:
-        for name in args.methods:
-            model, ckpt = load_checkpoint(os.path.join(out_dir, f"seed{seed}", name, "best.pt"), device)
+        for v, name in grid:
+            out = folder[v, seed, name]
+            model, ckpt = load_checkpoint(os.path.join(out, "best.pt"), device)
             items, feats = embed_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
             r = split_map(items, feats)  # evaluate_split's mAP, with the features kept for the picture
-            runs[name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds.get((seed, name)), **r)
-            print(f"{METHODS[name][0]}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
-            if seed == args.seeds[0] and name in ("cca2", "triplet"):
+            runs[v, name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds.get(out), **r)
+            print(f"{label[v, name]}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
+            if seed == args.seeds[0] and v == next(iter(variants)) and name in ("cca2", "triplet"):
                 figure[name] = model, items, feats
-        runs["random"][seed] = random_row(items, 1024, seed)
+        runs[None, "random"][seed] = random_row(items, 1024, seed)
 
     results, rows = {}, []
-    for name in runs:
-        label, _, paper = METHODS[name] if name != "random" else ("random embedding", None, PAPER_RANDOM)
-        agg = over_seeds(list(runs[name].values()), A)
-        rows.append((label, agg, paper))
-        results[name] = dict(label=label, paper_fashionai_total=paper, totals={s: r["total"] for s, r in runs[name].items()},
-                             **agg["mean"], **{k: agg[k] for k in ("min", "max", "std")}, seeds=runs[name],
-                             **({"incomplete": agg["incomplete"]} if agg["incomplete"] else {}))
+    for (v, name), by_seed in runs.items():
+        text, _, paper = METHODS[name] if name != "random" else ("random embedding", None, PAPER_RANDOM)
+        agg = over_seeds(list(by_seed.values()), A)
+        rows.append((label.get((v, name), text), agg, paper))
+        results[f"{name}/{v}" if v else name] = dict(
+            label=label.get((v, name), text), variant=v, paper_fashionai_total=paper, totals={s: r["total"] for s, r in by_seed.items()},
+            **agg["mean"], **{k: agg[k] for k in ("min", "max", "std")}, seeds=by_seed,
+            **({"incomplete": agg["incomplete"]} if agg["incomplete"] else {}))
     chance = chance_map(args.data, root, args.split, args.eval_missing)
     n = len(args.seeds)
     text = (table(rows, meta, n) + f"\n\n{args.split} mAP in per cent" + (f", mean over {n} seeds ({', '.join(map(str, args.seeds))}) "
             "with the lowest and highest seed in brackets" if n > 1 else f", seed {args.seeds[0]}")
             + (f"; every method from the pretrained trunk {args.pretrained}" if args.pretrained else "; every method from scratch")
-            + f". Chance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}.")
+            + f". Chance level of this split (expected AP of a random ranking, query-weighted): {100 * chance:.2f}."
+            + "".join(f"\nVariant {v}: {shlex.join(flags) or '(the defaults)'}" for v, flags in variants.items() if v))
     print("\n" + text)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(dict(data=args.data, split=args.split, chance=chance, seeds=args.seeds, pretrained=args.pretrained, machine=machine(device),
+                       variants={v: flags for v, flags in variants.items() if v},
                        wall_seconds=time.time() - t_all, methods=results), f, indent=2, default=str)
     if len(figure) == 2:  # the paper's Figure 5: CCA beside the Triplet network, features from the scoring above
         (cca2, items, f_cca2), (triplet, _, f_triplet) = figure["cca2"], figure["triplet"]
@@ -211,9 +245,9 @@ def main(argv=None):
 
 
 def train_in_parallel(todo, jobs):
-    """Run train.py once per (seed, name, out, flags) of todo, at most `jobs` processes at a time, each with one CPU
-    thread and its output in out/train.log. Returns {(seed, name): seconds}; stops at the first failure, ending the
-    others, with the end of that run's log."""
+    """Run train.py once per (what, out, flags) of todo, at most `jobs` processes at a time, each with one CPU thread
+    and its output in out/train.log. Returns {out: seconds}; stops at the first failure, ending the others, with the
+    end of that run's log."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     waiting, running, seconds, t_all = list(todo), {}, {}, time.time()
@@ -221,10 +255,10 @@ def train_in_parallel(todo, jobs):
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
-                seed, name, out, flags = waiting.pop(0)
+                what, out, flags = waiting.pop(0)
                 os.makedirs(out, exist_ok=True)
                 log = open(os.path.join(out, "train.log"), "w")
-                running[seed, name] = (subprocess.Popen([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT,
+                running[what, out] = (subprocess.Popen([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT,
                                                          env=env), log, out, time.time())
             time.sleep(0.5)
             for key, (proc, log, out, t0) in list(running.items()):
@@ -235,12 +269,11 @@ def train_in_parallel(todo, jobs):
                 if proc.returncode != 0:
                     with open(log.name) as f:
                         tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-                    raise SystemExit(f"error: {METHODS[key[1]][0]}, seed {key[0]} failed (exit {proc.returncode}): {tail[0]} "
-                                     f"(whole log: {log.name})")
-                seconds[key] = time.time() - t0
+                    raise SystemExit(f"error: {key[0]} failed (exit {proc.returncode}): {tail[0]} (whole log: {log.name})")
+                seconds[out] = time.time() - t0
                 done = len(seconds)
                 eta = (time.time() - t_all) / done * (len(todo) - done)  # at the rate of runs finished so far
-                print(f"{METHODS[key[1]][0]}, seed {key[0]}: trained in {fmt_time(seconds[key])} ({done}/{len(todo)}; "
+                print(f"{key[0]}: trained in {fmt_time(seconds[out])} ({done}/{len(todo)}; "
                       f"eta {fmt_time(eta)})", flush=True)
     finally:
         for proc, log, _, _ in running.values():

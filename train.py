@@ -23,6 +23,7 @@ writes OUT_DIR/last.pt every epoch and OUT_DIR/best.pt on a new best (rank 0, wr
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import time
@@ -55,18 +56,30 @@ DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_0
             cache_images=True, eval_every=3)
 # Defaults that depend on nothing (img_size, num_triplets, compile and TF-CSN's penalties are worked out in resolve).
 GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, flip=True, lr_decay=0.985, weight_decay=0.0,
-               eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False, compile_mode="default")
+               eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False, compile_mode="default",
+               asen_width=0, mask_init=(0.9, 0.7))
 
 # The flags that shape the model: --resume takes them from the checkpoint, and refuses a different value given.
-MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim")
+MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim", "asen_width")
 # What else makes a run the run it is: --resume takes these from the checkpoint too, and refuses a different value, so
 # that a resumed run repeats the uninterrupted one. Everything else (--epochs, --data-root, --out-dir, the system
 # flags) may be given anew; left out, how far the run goes comes from the checkpoint, the system from here, and it
 # writes beside the checkpoint it resumes.
 RUN_FLAGS = MODEL_FLAGS + ("data", "seed", "num_triplets", "batch_size", "lr", "lr_decay", "trunk_warmup", "weight_decay", "margin",
-                           "csn_embed_reg", "csn_mask_reg", "flip")
+                           "csn_embed_reg", "csn_mask_reg", "flip", "mask_init")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 FROM_CHECKPOINT = RUN_FLAGS + ("data_root", "epochs", "eval_every", "eval_missing", "cache_images")
+
+
+def mean_std(text):
+    """'MEAN,STD' -> (mean, std), std >= 0: --mask-init's type."""
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MEAN,STD (two numbers, e.g. 0.9,0.7)") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: the mean must be finite and the std finite and at least 0")
+    return mean, std
 
 
 def parse_args(argv=None):
@@ -92,6 +105,9 @@ def parse_args(argv=None):
                                                                       "(paper eq. 2/3; default 2)")
     p.add_argument("--img-size", type=int, help="input size (default: 224 for vit_r50_b16, 64 for tiny; synthetic 32)")
     p.add_argument("--out-dim", type=int, help="embedding width (default 1024)")
+    p.add_argument("--asen-width", type=number(int, 1), help="TF-ASEN's joint width (default: ASEN's 512 at the paper's "
+                                                              "width 768, scaled with the arch's width: tiny 85, mini 43)")
+    p.add_argument("--mask-init", type=mean_std, help="MEAN,STD of the normal that draws Type-2's table M (default: CSN's 0.9,0.7)")
     p.add_argument("--pretrained", help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
     p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 45)")
@@ -369,7 +385,7 @@ def build(args, resume, meta, device, rank):
     K = len(meta["attributes"])
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size,
-                    out_dim=args.out_dim, method=args.method)
+                    out_dim=args.out_dim, method=args.method, asen_width=args.asen_width, mask_init=args.mask_init)
     model = build_model(cfg)
     if cfg.method == "csn":
         model.condition.embed_reg, model.condition.mask_reg = args.csn_embed_reg, args.csn_mask_reg

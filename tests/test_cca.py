@@ -56,6 +56,28 @@ def test_backbone_parameter_count_matches_timm_layout():
     assert count_parameters(type1.condition) == 8 * 768 + 768 == 6_912  # FC from a K-way one-hot to D
 
 
+def test_small_archs_parameter_counts_and_the_conditional_parts_share_of_the_backbone():
+    """Pinned counts of the small archs (K = 5, out_dim 1024, 32 px); "mini" keeps the paper's proportions: 12 blocks, an
+    8 x 8 grid, and each method's conditional part about as large beside the backbone as at ViT-B (CCA-2 0.61%, TF-ASEN
+    1.62%), TF-ASEN's 512 scaled with the width."""
+    def counts(arch, method, **kw):
+        m = build_model(CCAConfig(arch=arch, num_conditions=5, img_size=32, method=method, **kw))
+        n, part, head = count_parameters(m), count_parameters(m.condition), count_parameters(m.head)
+        return n, part, part / (n - part - head), m.cfg
+    assert counts("tiny", "cca")[:2] == (992_912, 5 * 128 + 128 * 128 + 128)
+    assert counts("tiny", "asen")[:2] == (1_020_729, 44_969) and counts("tiny", "asen")[3].asen_width == 85
+    assert counts("tiny", "asen", asen_width=512)[:2] == (1_242_769, 267_009)  # ASEN's 512 kept: +32% on the backbone
+    n, part, share, cfg = counts("mini", "cca")
+    assert (n, part, cfg.grid, len(build_model(cfg).blocks)) == (686_672, 5 * 64 + 64 * 64 + 64, 8, 12)
+    assert 0.005 < share < 0.01
+    n, part, share, cfg = counts("mini", "asen")
+    assert (n, part, cfg.asen_width) == (693_929, 11_737, 43) and 0.015 < share < 0.025
+    for method in ("triplet", "csn"):
+        assert counts("mini", method)[0] == 682_192 + (5 * 1024 if method == "csn" else 0)
+    paper = counts("vit_r50_b16", "asen")
+    assert paper[3].asen_width == 512 and round(100 * paper[2], 2) == 1.62
+
+
 def test_state_dict_keys_and_shapes_match_timm_reference_list():
     model = CCA(CCAConfig(arch="vit_r50_b16"))
     sd = model.state_dict()

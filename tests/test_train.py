@@ -389,6 +389,37 @@ def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth120
                       "--jobs", "2", "--train-args", "--margin", "nope"] + tiny)
 
 
+def test_compare_variants_make_an_ablation_grid_one_row_per_method_and_variant(synth120, tmp_path, capsys):
+    """--variant NAME=FLAGS: each variant's flags reach its runs (OUT_DIR/NAME/seedS/METHOD), the table has a row per
+    method and variant in the order given; a flag train.py refuses stops the grid before anything trains."""
+    import compare
+
+    tiny = ["--img-size", "32", "--out-dim", "16", "--batch-size", "8", "--num-triplets", "8", "--workers", "0"]
+    compare.main(["--data-root", synth120, "--methods", "triplet", "asen", "--epochs", "1", "--split", "valid", "--seeds", "0",
+                  "--out-dir", str(tmp_path), "--variant", "base=", "--variant", "m03=--margin 0.3 --asen-width 7",
+                  "--train-args"] + tiny)
+    table = (tmp_path / "table.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:7]]
+    assert rows == ["random embedding", "Triplet network, base", "TF-ASEN, base", "Triplet network, m03", "TF-ASEN, m03"]
+    assert "Variant base: (the defaults)" in table and "Variant m03: --margin 0.3 --asen-width 7" in table
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results["methods"]) == {"random", "triplet/base", "asen/base", "triplet/m03", "asen/m03"}
+    for v, margin, width in (("base", 0.1, 85), ("m03", 0.3, 7)):
+        ckpt = torch.load(tmp_path / v / "seed0" / "asen" / "best.pt", weights_only=True)
+        assert (ckpt["args"]["margin"], ckpt["config"]["asen_width"]) == (margin, width)
+        assert ckpt["model"]["condition.feat_proj.weight"].shape == (width, 128)
+        assert results["methods"][f"asen/{v}"]["totals"]["0"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
+    with pytest.raises(SystemExit):
+        compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--seeds", "0", "--out-dir", str(tmp_path / "bad"),
+                      "--variant", "ok=", "--variant", "m=--margin nope"])
+    assert "--margin: invalid float value: 'nope'" in capsys.readouterr().err and not (tmp_path / "bad" / "ok").exists()
+    for bad, says in (("noequals", "is not NAME=FLAGS"), ("a b=--margin 1", "is not NAME=FLAGS"), ("q=--margin '0.2", "No closing quotation"),
+                      ("q=", "--variant repeats a name")):
+        with pytest.raises(SystemExit):
+            compare.main(["--variant", bad] + (["--variant", "q=--margin 0.2"] if bad == "q=" else []))
+        assert says in capsys.readouterr().err
+
+
 def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth120, tmp_path):
     import compare
     from cca import load_pretrained
@@ -671,3 +702,35 @@ def test_tensor_learning_rates_follow_the_float_schedule_and_checkpoints_load_in
     train.tensor_lrs(fresh, torch.device("cpu"))
     assert all(isinstance(g_["lr"], torch.Tensor) for g_ in fresh.param_groups)
     assert [float(g_["lr"]) for g_ in fresh.param_groups] == [float(g_["lr"]) for g_ in opt.param_groups]
+
+
+def test_mask_init_and_asen_width_reach_the_model_and_the_checkpoint_and_resume_refuses_others(synth120, tmp_path, capsys):
+    """--mask-init draws Type-2's M from the normal given (default CSN's), --asen-width sets TF-ASEN's width; both are
+    recorded, a resume with another value is refused, bad values are one flag error, and a TF-ASEN checkpoint from
+    before the width was recorded (512 at every size) still loads."""
+    from dataclasses import asdict
+
+    from cca import load_checkpoint
+    for init, (mean, std) in ((None, (0.9, 0.7)), ("0,1", (0.0, 1.0))):
+        args, _ = train.parse_args(["--mask-init", init] if init else [])
+        assert args.mask_init == (mean, std)
+        torch.manual_seed(0)
+        M = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, mask_init=args.mask_init)).condition.mask
+        assert abs(M.mean().item() - mean) < 0.1 and abs(M.std().item() - std) < 0.1  # 640 draws
+    for bad, says in (("0.9", "is not MEAN,STD"), ("a,b", "is not MEAN,STD"), ("0,-1", "at least 0"), ("nan,1", "finite")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--mask-init", bad])
+        assert says in capsys.readouterr().err
+    train.main(common(synth120, tmp_path) + ["--epochs", "1", "--mask-init", "0,1"])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["config"]["mask_init"] == ckpt["args"]["mask_init"] == (0.0, 1.0)
+    with pytest.raises(SystemExit, match=r"--mask-init \(0.9, 0.7\) conflicts with .*last.pt, trained with --mask-init \(0.0, 1.0\)"):
+        train.parse_args(["--resume", str(tmp_path / "last.pt"), "--mask-init", "0.9,0.7"])
+    train.main(common(synth120, tmp_path / "asen") + ["--epochs", "1", "--method", "asen", "--asen-width", "9"])
+    ckpt = torch.load(tmp_path / "asen" / "best.pt", weights_only=True)
+    assert ckpt["config"]["asen_width"] == 9 and ckpt["model"]["condition.score.weight"].shape == (1, 9)
+    old = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="asen", asen_width=512))
+    config = {k: v for k, v in asdict(old.cfg).items() if k not in ("asen_width", "mask_init")}  # an older checkpoint's
+    torch.save(dict(ckpt, model=old.state_dict(), config=config), tmp_path / "old.pt")
+    model, _ = load_checkpoint(str(tmp_path / "old.pt"))
+    assert model.cfg.asen_width == 512 and torch.equal(model.condition.feat_proj.weight, old.condition.feat_proj.weight)
