@@ -34,6 +34,8 @@ Every method then starts from that trunk with --trunk-warmup 0, as on real data;
 """
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -178,7 +180,12 @@ def main(argv=None):
     grid = [(v, name) for v in variants for name in args.methods]  # the table's rows, random embeddings' aside
     label = {(v, name): METHODS[name][0] + (f", {v}" if v else "") for v, name in grid}
     for v, name in grid:  # a flag train.py refuses stops the grid now, not after hours of the other runs
-        train.parse_args(common + METHODS[name][1] + variants[v] + args.train_args)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as said:
+                train.parse_args(common + METHODS[name][1] + variants[v] + args.train_args)
+        except SystemExit:
+            why = (said.getvalue().strip().splitlines() or ["refused"])[-1].split("error: ", 1)[-1]
+            p.error(f"{label[v, name]}: train.py {shlex.join(variants[v] + args.train_args)}: {why}")
     A, t_all = len(meta["attributes"]), time.time()
     runs = {key: {} for key in [(None, "random")] + grid}  # (variant, name) -> seed -> result
     todo, seconds = [], {}  # (label, out, train.py flags) to train; out -> training seconds

@@ -60,6 +60,7 @@ def cases(t, s):
         # train.py
         ("--epochs 0", tr + ["--epochs", "0"]), ("--batch-size -8", tr + ["--batch-size", "-8"]),
         ("--lr 0", tr + ["--lr", "0"]), ("--lr nan", tr + ["--lr", "nan"]), ("--margin -1", tr + ["--margin", "-1"]),
+        ("--mask-init one number", tr + ["--mask-init", "0.9"]), ("--asen-width 0", tr + ["--asen-width", "0"]),
         ("--num-triplets 1e12", tr + ["--num-triplets", "1000000000000"]), ("--img-size 0", tr + ["--img-size", "0"]),
         ("--img-size 33 (not a patch multiple)", tr + ["--img-size", "33"]), ("--out-dim 0", tr + ["--out-dim", "0"]),
         ("--workers -1", tr + ["--workers", "-1"]), ("--log-every 0", tr + ["--log-every", "0"]),
@@ -122,6 +123,8 @@ def cases(t, s):
         # compare.py
         ("--epochs 0", ["compare.py", "--epochs", "0"]), ("--seeds -1", ["compare.py", "--seeds", "-1"]),
         ("--jobs 0", ["compare.py", "--jobs", "0"]), ("--pretrained missing", ["compare.py", "--pretrained", f"{t}/no.pt", "--epochs", "1"]),
+        ("--variant without =", ["compare.py", "--variant", "m02"]),
+        ("--variant with a bad train.py flag", ["compare.py", "--variant", "x=--margin nope", "--data-root", s, "--out-dir", f"{t}/cmp"]),
         # cca.py
         ("info --img-size 0", ["cca.py", "info", "--img-size", "0"]), ("info -K 0", ["cca.py", "info", "--num-conditions", "0"]),
         ("convert a missing file", ["cca.py", "convert", f"{t}/no.npz", f"{t}/o.pt"]),

@@ -412,7 +412,9 @@ def test_compare_variants_make_an_ablation_grid_one_row_per_method_and_variant(s
     with pytest.raises(SystemExit):
         compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--seeds", "0", "--out-dir", str(tmp_path / "bad"),
                       "--variant", "ok=", "--variant", "m=--margin nope"])
-    assert "--margin: invalid float value: 'nope'" in capsys.readouterr().err and not (tmp_path / "bad" / "ok").exists()
+    err = capsys.readouterr().err
+    assert "error: Triplet network, m: train.py --margin nope: argument --margin: invalid float value: 'nope'" in err
+    assert not (tmp_path / "bad" / "ok").exists()
     for bad, says in (("noequals", "is not NAME=FLAGS"), ("a b=--margin 1", "is not NAME=FLAGS"), ("q=--margin '0.2", "No closing quotation"),
                       ("q=", "--variant repeats a name")):
         with pytest.raises(SystemExit):
