@@ -587,9 +587,9 @@ def test_asen_equals_asenet_written_out():
         expected, att = asenet_written_out(model, x, c)
         torch.testing.assert_close(model(x, c), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.attention_maps(x, c)[:, 0], att, atol=1e-6, rtol=1e-5)
-    # ASEN's widths: 512 in the attention, the token width D where the feature is
+    # ASEN's widths: its 512 in the attention scaled with the width (85 at tiny's 128), the token width D where the feature is
     m, D = model.condition, model.cfg.sizes["embed_dim"]
-    assert (m.feat_proj.out_features, m.attr_spatial.out_features, m.channel[0].out_features) == (512, 512, 512)
+    assert (m.feat_proj.out_features, m.attr_spatial.out_features, m.channel[0].out_features) == (85, 85, 85)
     assert (m.attr_channel.out_features, m.channel[2].out_features, m.channel[0].in_features) == (D, D, 2 * D)
     assert m.attr_spatial.bias is None and m.attr_channel.bias is None
 
