@@ -383,10 +383,11 @@ def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth120
         assert (ckpt["args"]["seed"], ckpt["args"]["method"]) == (3, name)
         assert results["methods"][name]["seeds"]["3"]["train_seconds"] > 0
         assert results["methods"][name]["totals"]["3"] == pytest.approx(ckpt["best_metric"], abs=1e-9)
-    # a run that fails stops the comparison with one line naming it and its log
-    with pytest.raises(SystemExit, match=r"^error: Triplet network, seed 4 failed \(exit 2\): .*--margin.*seed4/triplet/train.log"):
+    # a run that fails (here: its flags parse, but an epoch is smaller than a batch) stops the comparison with one line
+    # naming it and its log
+    with pytest.raises(SystemExit, match=r"^error: Triplet network, seed 4 failed \(exit 1\): .*less than one batch.*seed4/triplet/train.log"):
         compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--seeds", "4", "--out-dir", str(tmp_path),
-                      "--jobs", "2", "--train-args", "--margin", "nope"] + tiny)
+                      "--jobs", "2", "--train-args"] + tiny + ["--batch-size", "100"])
 
 
 def test_compare_variants_make_an_ablation_grid_one_row_per_method_and_variant(synth120, tmp_path, capsys):
