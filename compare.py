@@ -7,6 +7,7 @@ The paper's comparison (Table 2) in miniature: every method on the same backbone
     python compare.py --epochs 10                   # a smaller budget for every method
     python compare.py --jobs 15 --device cuda       # 15 trainings at once on one GPU (each a process)
     python compare.py --methods cca2 asen --variant base= --variant m02="--margin 0.2"   # an ablation grid
+    python compare.py --jobs 15 --device cuda --train-args --arch mini      # the paper's proportions (cca.py's mini)
 
 Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with train.py (its defaults for the
 dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
@@ -298,7 +299,7 @@ def pretrain(argv=None):
     """Train every block of the plain hybrid ViT with a linear classifier on [CLS] (after the final norm) to tell the
     shapes set's 24 classes apart; score it on a held-out draw; save the backbone for --pretrained."""
     p = argparse.ArgumentParser(prog="compare.py pretrain", description=pretrain.__doc__)
-    p.add_argument("--out", default=os.path.join("runs", "pretrain", "tiny.pt"), help="the backbone file written")
+    p.add_argument("--out", default=None, help="the backbone file written (default: runs/pretrain/ARCH.pt)")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCH_SIZES), help="backbone size (the comparison's: tiny)")
     p.add_argument("--img-size", type=number(int, 1), default=32, help="input size (the comparison's: 32)")
     p.add_argument("--num-train", type=number(int, 1), default=12_000, help="training images, drawn once")
@@ -318,6 +319,7 @@ def pretrain(argv=None):
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.num_train < args.batch_size:
         p.error(f"--num-train {args.num_train} is less than one batch of {args.batch_size}")
+    args.out = args.out or os.path.join("runs", "pretrain", f"{args.arch}.pt")
     output_file(args.out, "--out file")  # before the training whose result it keeps
     device = default_device(args.device)
     t0 = time.time()

@@ -423,9 +423,14 @@ def test_compare_variants_make_an_ablation_grid_one_row_per_method_and_variant(s
         assert says in capsys.readouterr().err
 
 
-def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth120, tmp_path):
+def test_pretrained_trunk_from_the_shapes_set_loads_strictly_and_starts_the_comparison(synth120, tmp_path, monkeypatch):
     import compare
     from cca import load_pretrained
+
+    monkeypatch.chdir(tmp_path)  # the default --out is runs/pretrain/ARCH.pt: the mini arch's, a stride-4 stem
+    compare.main(["pretrain", "--arch", "mini", "--num-train", "32", "--num-test", "8", "--epochs", "1", "--batch-size", "32", "--workers", "1"])
+    mini = torch.load(tmp_path / "runs" / "pretrain" / "mini.pt", weights_only=True)
+    assert (mini["arch"], mini["img_size"], len([k for k in mini["state_dict"] if k.endswith("attn.qkv.weight")])) == ("mini", 32, 12)
 
     path = str(tmp_path / "pre" / "tiny.pt")
     result = compare.main(["pretrain", "--out", path, "--num-train", "64", "--num-test", "24", "--epochs", "1", "--batch-size", "32",
