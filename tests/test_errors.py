@@ -265,7 +265,8 @@ def test_ctrl_c_during_prepare_is_one_line_and_leaves_no_temporary_file(synth, t
         f.writelines(names[i % len(names)] + "\n" for i in range(40_000))
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "dataset_tools.py"), "prepare", "--data-root", root,
                              "--img-size", "16", "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIG_DFL as in a terminal: a suite started in the background (`pytest &`) ignores SIGINT, and so would its children
     prepared = os.path.join(root, "prepared")
     deadline = time.time() + 120
     while not (os.path.isdir(prepared) and any(f.endswith(".tmp") for f in os.listdir(prepared))):
