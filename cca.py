@@ -78,7 +78,6 @@ class CCAConfig:
             raise ValueError(f"img_size must be a positive multiple of {self.stride}, the output stride of arch {self.arch!r}, "
                              f"got {self.img_size}")
         self.asen_width = self.asen_width or round(self.sizes["embed_dim"] * 512 / 768)
-        self.mask_init = tuple(self.mask_init)  # a list after a checkpoint's JSON-like round trip
 
     @property
     def sizes(self):
@@ -624,45 +623,39 @@ def google_to_timm(npz, cfg, path):
     def conv(key):  # HWIO -> OIHW
         return take(key).permute(3, 2, 0, 1)
 
-    def vec(key):  # GroupNorm / LayerNorm parameters, maybe stored (1, 1, 1, C)
-        return take(key).reshape(-1)
+    def norm(dst, src):  # a GroupNorm's or LayerNorm's scale and bias, maybe stored (1, 1, 1, C)
+        sd[dst + ".weight"], sd[dst + ".bias"] = take(src + "/scale").reshape(-1), take(src + "/bias").reshape(-1)
 
     sd["cls_token"] = take("cls")
     sd["pos_embed"] = take("Transformer/posembed_input/pos_embedding")
     sd["patch_embed.backbone.stem.conv.weight"] = conv("conv_root/kernel")
-    sd["patch_embed.backbone.stem.norm.weight"] = vec("gn_root/scale")
-    sd["patch_embed.backbone.stem.norm.bias"] = vec("gn_root/bias")
+    norm("patch_embed.backbone.stem.norm", "gn_root")
     for s, n_units in enumerate(cfg.sizes["layers"]):
         for u in range(n_units):
             src, dst = f"block{s + 1}/unit{u + 1}/", f"patch_embed.backbone.stages.{s}.blocks.{u}."
             for i in (1, 2, 3):
                 sd[dst + f"conv{i}.weight"] = conv(src + f"conv{i}/kernel")
-                sd[dst + f"norm{i}.weight"] = vec(src + f"gn{i}/scale")
-                sd[dst + f"norm{i}.bias"] = vec(src + f"gn{i}/bias")
+                norm(dst + f"norm{i}", src + f"gn{i}")
             if u == 0:
                 sd[dst + "downsample.conv.weight"] = conv(src + "conv_proj/kernel")
-                sd[dst + "downsample.norm.weight"] = vec(src + "gn_proj/scale")
-                sd[dst + "downsample.norm.bias"] = vec(src + "gn_proj/bias")
+                norm(dst + "downsample.norm", src + "gn_proj")
     sd["patch_embed.proj.weight"] = conv("embedding/kernel")
     sd["patch_embed.proj.bias"] = take("embedding/bias")
     D = cfg.sizes["embed_dim"]
     for i in range(cfg.sizes["depth"]):
         src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         att = src + "MultiHeadDotProductAttention_1/"
-        sd[dst + "norm1.weight"] = vec(src + "LayerNorm_0/scale")
-        sd[dst + "norm1.bias"] = vec(src + "LayerNorm_0/bias")
+        norm(dst + "norm1", src + "LayerNorm_0")
         # query/key/value kernels (D, heads, head_dim) -> (D, D) -> (out, in); concatenated [q; k; v]
         sd[dst + "attn.qkv.weight"] = torch.cat([take(att + f"{n}/kernel").reshape(D, D).t() for n in ("query", "key", "value")])
         sd[dst + "attn.qkv.bias"] = torch.cat([take(att + f"{n}/bias").reshape(-1) for n in ("query", "key", "value")])
         sd[dst + "attn.proj.weight"] = take(att + "out/kernel").reshape(D, D).t()  # (heads, head_dim, D) -> (out, in)
         sd[dst + "attn.proj.bias"] = take(att + "out/bias")
-        sd[dst + "norm2.weight"] = vec(src + "LayerNorm_2/scale")
-        sd[dst + "norm2.bias"] = vec(src + "LayerNorm_2/bias")
+        norm(dst + "norm2", src + "LayerNorm_2")
         for j in (0, 1):
             sd[dst + f"mlp.fc{j + 1}.weight"] = take(src + f"MlpBlock_3/Dense_{j}/kernel").t()
             sd[dst + f"mlp.fc{j + 1}.bias"] = take(src + f"MlpBlock_3/Dense_{j}/bias")
-    sd["norm.weight"] = vec("Transformer/encoder_norm/scale")
-    sd["norm.bias"] = vec("Transformer/encoder_norm/bias")
+    norm("norm", "Transformer/encoder_norm")
     for key in [k[len(prefix):] for k in npz if k not in used and k[len(prefix):].startswith(("head/", "pre_logits/"))]:
         t = take(key)  # the classifiers: head/kernel (D, classes) is timm's head.weight transposed
         name = {"head/kernel": "head.weight", "head/bias": "head.bias", "pre_logits/kernel": "pre_logits.fc.weight",

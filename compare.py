@@ -266,22 +266,22 @@ def train_in_parallel(todo, jobs):
                 what, out, flags = waiting.pop(0)
                 os.makedirs(out, exist_ok=True)
                 log = open(os.path.join(out, "train.log"), "w")
-                running[what, out] = (subprocess.Popen([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT,
+                running[what] = (subprocess.Popen([sys.executable, script] + flags, stdout=log, stderr=subprocess.STDOUT,
                                                          env=env), log, out, time.time())
             time.sleep(0.5)
-            for key, (proc, log, out, t0) in list(running.items()):
+            for what, (proc, log, out, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
-                del running[key]
+                del running[what]
                 if proc.returncode != 0:
                     with open(log.name) as f:
                         tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
-                    raise SystemExit(f"error: {key[0]} failed (exit {proc.returncode}): {tail[0]} (whole log: {log.name})")
+                    raise SystemExit(f"error: {what} failed (exit {proc.returncode}): {tail[0]} (whole log: {log.name})")
                 seconds[out] = time.time() - t0
                 done = len(seconds)
                 eta = (time.time() - t_all) / done * (len(todo) - done)  # at the rate of runs finished so far
-                print(f"{key[0]}: trained in {fmt_time(seconds[out])} ({done}/{len(todo)}; "
+                print(f"{what}: trained in {fmt_time(seconds[out])} ({done}/{len(todo)}; "
                       f"eta {fmt_time(eta)})", flush=True)
     finally:
         for proc, log, _, _ in running.values():
