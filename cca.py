@@ -29,6 +29,7 @@ import shutil
 import struct
 import zipfile
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -64,6 +65,7 @@ class CCAConfig:
     method: str = "cca"  # "cca", or a comparison method of the paper's tables: "triplet", "csn", "asen"
     asen_width: int = 0  # TF-ASEN's joint width; 0: ASEN's 512 at D = 768, scaled with D (ASENAttention)
     mask_init: tuple = (0.9, 0.7)  # (mean, std) of the normal that draws Type-2's M: CSN's
+    cls_key: bool = True  # block L's keys and values include [CLS]; False: the N patch tokens alone (docs/DESIGN.md)
 
     def __post_init__(self):
         if self.arch not in ARCH_SIZES:
@@ -319,16 +321,22 @@ class ConditionalCrossAttentionBlock(Block):
     output is too, and only the [CLS] row is read out (eq. 7). One query per condition therefore gives the same [CLS]
     output (tests/test_cca.py proves it). Where the paper is silent (our decision): the condition token is normalised
     by the block's norm1 and projected by the block's query weights, like a token; the attention output is added to
-    the [CLS] token, then the block's MLP follows."""
+    the [CLS] token, then the block's MLP follows. The keys and values are those of all 1+N tokens, or with
+    cls_key=False of the N patch tokens alone (the paper's K_i in R^{N x D} reads either way)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, cls_key=True):
+        super().__init__(dim, num_heads, mlp_ratio)
+        self.cls_key = cls_key
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
-        cls = x[:, :1] + self.attn(self.norm1(q_c), context=self.norm1(x))  # (B, M, D): eq. 6, residual onto [CLS]
+        context = self.norm1(x if self.cls_key else x[:, 1:])
+        cls = x[:, :1] + self.attn(self.norm1(q_c), context=context)  # (B, M, D): eq. 6, residual onto [CLS]
         return cls + self.mlp(self.norm2(cls))
 
     def attention_weights(self, x, q_c):
-        """softmax(Q_c K^T / sqrt(d)) over all 1+N tokens: (B, heads, M, 1+N)."""
-        return self.attn.weights(self.norm1(q_c), context=self.norm1(x))
+        """softmax(Q_c K^T / sqrt(d)) over the keys' tokens: (B, heads, M, 1+N), or (B, heads, M, N) without [CLS]."""
+        return self.attn.weights(self.norm1(q_c), context=self.norm1(x if self.cls_key else x[:, 1:]))
 
 
 class HybridViT(nn.Module):
@@ -393,7 +401,7 @@ class CCA(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
-        super().__init__(cfg, ConditionalCrossAttentionBlock, ConditionToken)  # q_c of eq. 2/3
+        super().__init__(cfg, partial(ConditionalCrossAttentionBlock, cls_key=cfg.cls_key), ConditionToken)  # q_c of eq. 2/3
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -414,11 +422,11 @@ class CCA(HybridViT):
     @torch.no_grad()
     def attention_maps(self, images, conditions):
         """(B, heads, N): block L's attention of the condition query over the N patch tokens
-        (the paper's Figure 4). The weights are those of the softmax over all 1+N tokens, the
-        [CLS] entry left out; reshape to (B, heads, grid, grid) for a picture."""
+        (the paper's Figure 4). The weights are those of the softmax over the keys' tokens, the
+        [CLS] entry left out where it is one; reshape to (B, heads, grid, grid) for a picture."""
         x = self.trunk(images)
         q_c = self.condition(conditions)[:, None]
-        return self.blocks[-1].attention_weights(x, q_c)[:, :, 0, 1:]
+        return self.blocks[-1].attention_weights(x, q_c)[:, :, 0, -self.cfg.grid**2:]
 
 
 # -----------------------------------------------------------------------------

@@ -47,20 +47,24 @@ from runtime import (autocast, cleanup, default_device, device_arg, error_messag
 
 # Defaults that depend on the dataset: the paper's recipe on real data, a laptop budget on the synthetic set.
 RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2, trunk_warmup=0, workers=8, cache_images=False,
-              eval_every=1)
+              eval_every=1, mask_init=(0.9, 0.7), cls_key=True)
 # The demo keeps the recipe's shape with a budget for a laptop CPU (docs/DESIGN.md, "Training"; how each value was
 # chosen: docs/LOG.md). Margin 0.1 and the trunk's warm-up (625 steps, 5 epochs) let the attributes leave the
 # collapsed start sooner when training from scratch. Its 6,000 training images are decoded once into memory (18 MB)
-# and batched in the training process: a loader worker decoding JPEGs would take one of a laptop's few cores.
-DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
-            cache_images=True, eval_every=3)
+# and batched in the training process: a loader worker decoding JPEGs would take one of a laptop's few cores. Type-2's
+# table M is drawn from normal(0, 1), not CSN's normal(0.9, 0.7), whose condition tokens start alike, and block L
+# attends over the patch tokens alone: from scratch its heads settle on [CLS] and leave attributes at chance.
+DEMO = dict(arch="tiny", img_size=32, epochs=42, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
+            cache_images=True, eval_every=3, mask_init=(0.0, 1.0), cls_key=False)
 # Defaults that depend on nothing (img_size, num_triplets, compile and TF-CSN's penalties are worked out in resolve).
 GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, flip=True, lr_decay=0.985, weight_decay=0.0,
                eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False, compile_mode="default",
-               asen_width=0, mask_init=(0.9, 0.7))
+               asen_width=0)
+# What a checkpoint written before a flag existed was trained with: --resume takes these where its args lack them.
+BEFORE_FLAGS = dict(asen_width=512, mask_init=(0.9, 0.7), cls_key=True)
 
 # The flags that shape the model: --resume takes them from the checkpoint, and refuses a different value given.
-MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim", "asen_width")
+MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim", "asen_width", "cls_key")
 # What else makes a run the run it is: --resume takes these from the checkpoint too, and refuses a different value, so
 # that a resumed run repeats the uninterrupted one. Everything else (--epochs, --data-root, --out-dir, the system
 # flags) may be given anew; left out, how far the run goes comes from the checkpoint, the system from here, and it
@@ -107,10 +111,13 @@ def parse_args(argv=None):
     p.add_argument("--out-dim", type=int, help="embedding width (default 1024)")
     p.add_argument("--asen-width", type=number(int, 1), help="TF-ASEN's joint width (default: ASEN's 512 at the paper's "
                                                               "width 768, scaled with the arch's width: tiny 85, mini 43)")
-    p.add_argument("--mask-init", type=mean_std, help="MEAN,STD of the normal that draws Type-2's table M (default: CSN's 0.9,0.7)")
+    p.add_argument("--mask-init", type=mean_std, help="MEAN,STD of the normal that draws Type-2's table M (default: CSN's 0.9,0.7; "
+                                                          "synthetic 0,1)")
+    p.add_argument("--cls-key", action=argparse.BooleanOptionalAction, help="block L's keys and values include [CLS] "
+                                                                              "(default: yes; synthetic: no, the patch tokens alone)")
     p.add_argument("--pretrained", help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
-    p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 45)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 42)")
     p.add_argument("--batch-size", type=int, help="triplets per step over all ranks (default: 64, the paper; synthetic 32)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4, the paper; synthetic 2e-4)")
     p.add_argument("--lr-decay", type=float, help="learning rate factor after each epoch (default: 0.985, ASEN's)")
@@ -154,6 +161,7 @@ def parse_args(argv=None):
     if given.resume:  # a checkpoint that cannot be read, or disagrees with a flag given: one error line
         try:
             resume = read_checkpoint(given.resume, CHECKPOINT_KEYS + RESUME_KEYS)
+            resume["args"] = {**BEFORE_FLAGS, **resume["args"]}
             check_resume(given, resume)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {e}")
@@ -385,7 +393,8 @@ def build(args, resume, meta, device, rank):
     K = len(meta["attributes"])
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size,
-                    out_dim=args.out_dim, method=args.method, asen_width=args.asen_width, mask_init=args.mask_init)
+                    out_dim=args.out_dim, method=args.method, asen_width=args.asen_width, mask_init=args.mask_init,
+                    cls_key=args.cls_key)
     model = build_model(cfg)
     if cfg.method == "csn":
         model.condition.embed_reg, model.condition.mask_reg = args.csn_embed_reg, args.csn_mask_reg
@@ -406,6 +415,10 @@ def build(args, resume, meta, device, rank):
         load_model_state(model, resume["model"], args.resume)
         try:
             optimizer.load_state_dict(resume["optimizer"])
+            for p, state in optimizer.state.items():  # load_state_dict checks the counts, not the shapes (fused Adam would crash)
+                for name, t in state.items():
+                    if torch.is_tensor(t) and t.dim() and t.shape != p.shape:
+                        raise ValueError(f"its {name} is {tuple(t.shape)} for a parameter of {tuple(p.shape)}")
             scheduler.load_state_dict(resume["scheduler"])
             tensor_lrs(optimizer, device)
         except (ValueError, KeyError) as e:

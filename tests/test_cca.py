@@ -22,9 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # key lists of the real checkpoint layouts
 
 
-def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0):
+def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0, cls_key=True):
     torch.manual_seed(seed)
-    model = CCA(CCAConfig(arch="tiny", num_conditions=num_conditions, condition_type=condition_type, img_size=img_size, out_dim=32))
+    model = CCA(CCAConfig(arch="tiny", num_conditions=num_conditions, condition_type=condition_type, img_size=img_size, out_dim=32,
+                          cls_key=cls_key))
     randomise_norms(model)
     return model.eval()
 
@@ -142,27 +143,34 @@ def condition_token(model, c):
 
 def eq4_repeated_form(model, x_img, c):
     """The paper's form: q_c repeated to all N+1 positions (eq. 4), full cross-attention (eq. 6),
-    residual and MLP on every token, [CLS] read out, FC and l2 (eq. 7)."""
+    residual and MLP on every token, [CLS] read out, FC and l2 (eq. 7). Keys and values of all 1+N tokens, or of
+    the N patch tokens alone where the config says cls_key=False."""
     blk, heads = model.blocks[-1], model.cfg.sizes["num_heads"]
     x = model.trunk(x_img)  # (B, 1+N, D)
     B, T, D = x.shape
     Qc = condition_token(model, c)[:, None].expand(B, T, D)  # eq. 4
     W, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+    kv = x if model.cfg.cls_key else x[:, 1:]
     q = split_heads(blk.norm1(Qc) @ W[:D].t() + b[:D], heads)
-    k = split_heads(blk.norm1(x) @ W[D:2 * D].t() + b[D:2 * D], heads)
-    v = split_heads(blk.norm1(x) @ W[2 * D:].t() + b[2 * D:], heads)
+    k = split_heads(blk.norm1(kv) @ W[D:2 * D].t() + b[D:2 * D], heads)
+    v = split_heads(blk.norm1(kv) @ W[2 * D:].t() + b[2 * D:], heads)
     a = naive_attention(q, k, v).permute(0, 2, 1, 3).reshape(B, T, D)
     y = x + blk.attn.proj(a)
     y = y + blk.mlp(blk.norm2(y))
     return F.normalize(model.head(model.norm(y)[:, 0]), dim=-1)
 
 
-@pytest.mark.parametrize("condition_type", [1, 2])
-def test_single_query_equals_eq4_repeated_query(condition_type):
-    model = tiny(condition_type)
+@pytest.mark.parametrize("condition_type,cls_key", [(1, True), (2, True), (2, False)])
+def test_single_query_equals_eq4_repeated_query(condition_type, cls_key):
+    model = tiny(condition_type, cls_key=cls_key)
     x, c = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 3, 4])
     with torch.no_grad():
         torch.testing.assert_close(model(x, c), eq4_repeated_form(model, x, c), atol=1e-5, rtol=1e-5)
+        if not cls_key:  # the same weights with [CLS] among the keys give another embedding ([CLS] made distinct)
+            model.cls_token.normal_()
+            with_cls = tiny(condition_type)
+            with_cls.load_state_dict(model.state_dict())
+            assert (model(x, c) - with_cls(x, c)).norm(dim=-1).min() > 3e-4  # 1.1e-3 here; rounding ~1e-7
 
 
 @pytest.mark.parametrize("condition_type", [1, 2])
@@ -198,6 +206,12 @@ def test_attention_maps_are_the_softmax_weights_over_patches():
         w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // heads), dim=-1)[:, :, 0]  # (B, heads, 1+N)
     torch.testing.assert_close(maps, w[:, :, 1:], atol=1e-6, rtol=1e-5)
     assert (maps.sum(-1) <= 1 + 1e-6).all()
+    # without [CLS] among the keys: the softmax over the N patches alone
+    patches_only = tiny(cls_key=False)
+    patches_only.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        maps = patches_only.attention_maps(x, c)
+    torch.testing.assert_close(maps, torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(D // heads))[:, :, 0, 1:], dim=-1), atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_autocast_on_cpu_runs_and_stays_close():

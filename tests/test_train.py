@@ -279,7 +279,8 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
 def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
     real, demo = train.parse_args(["--data", "fashionai"])[0], train.parse_args([])[0]
     assert (real.arch, real.batch_size, real.lr, real.margin, real.epochs, real.trunk_warmup) == ("vit_r50_b16", 64, 1e-4, 0.2, 200, 0)
-    assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 45, 625)
+    assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 42, 625)
+    assert (real.cls_key, demo.cls_key, train.parse_args(["--cls-key"])[0].cls_key) == (True, False, True)
     assert train.parse_args(["--margin", "0.3"])[0].margin == 0.3  # a flag beats either default
 
 
@@ -696,7 +697,10 @@ def test_tensor_learning_rates_follow_the_float_schedule_and_checkpoints_load_in
         if name.endswith("attn.qkv.bias"):  # the keys' bias has no gradient but rounding noise (a softmax ignores a
             d = w.shape[0] // 3             # shift of all keys), which Adam scales up to full steps: left out
             w, w_ref, w0 = (torch.cat([t[:d], t[2 * d:]]) for t in (w, w_ref, w0))
-        assert (w - w_ref).abs().max() <= 1e-3 * (w_ref - w0).abs().max() + 1e-7, name  # apart << moved
+        # apart << moved: float32 rates against Python floats round differently, and Adam grows that to about 2% of
+        # the movement over these 12 steps (torch 2.14.1 on a 2-core CPU); a warm-up one step off, or one missed
+        # decay, puts them 20% or more apart
+        assert (w - w_ref).abs().max() <= 0.05 * (w_ref - w0).abs().max() + 1e-7, name
     # the checkpoint of the new path: plain weights, a strict load; its optimizer resumes into a fresh one
     meta = dict(name="synthetic", attributes=["a", "b", "c"])
     cca_ckpt = tmp_path / "last.pt"
@@ -713,14 +717,15 @@ def test_tensor_learning_rates_follow_the_float_schedule_and_checkpoints_load_in
 
 
 def test_mask_init_and_asen_width_reach_the_model_and_the_checkpoint_and_resume_refuses_others(synth120, tmp_path, capsys):
-    """--mask-init draws Type-2's M from the normal given (default CSN's), --asen-width sets TF-ASEN's width; both are
-    recorded, a resume with another value is refused, bad values are one flag error, and a TF-ASEN checkpoint from
-    before the width was recorded (512 at every size) still loads."""
+    """--mask-init draws Type-2's M from the normal given (default CSN's on real data, normal(0, 1) on the synthetic
+    set), --asen-width sets TF-ASEN's width; both are recorded, a resume with another value is refused, bad values are
+    one flag error, and a TF-ASEN checkpoint from before the two were recorded (512 wide at every size, CSN's
+    initialisation) still loads, and resumes with the values it was trained with."""
     from dataclasses import asdict
 
     from cca import load_checkpoint
-    for init, (mean, std) in ((None, (0.9, 0.7)), ("0,1", (0.0, 1.0))):
-        args, _ = train.parse_args(["--mask-init", init] if init else [])
+    for argv, (mean, std) in (([], (0.0, 1.0)), (["--data", "fashionai"], (0.9, 0.7)), (["--mask-init", "0.9,0.7"], (0.9, 0.7))):
+        args, _ = train.parse_args(argv)
         assert args.mask_init == (mean, std)
         torch.manual_seed(0)
         M = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, mask_init=args.mask_init)).condition.mask
@@ -742,3 +747,24 @@ def test_mask_init_and_asen_width_reach_the_model_and_the_checkpoint_and_resume_
     torch.save(dict(ckpt, model=old.state_dict(), config=config), tmp_path / "old.pt")
     model, _ = load_checkpoint(str(tmp_path / "old.pt"))
     assert model.cfg.asen_width == 512 and torch.equal(model.condition.feat_proj.weight, old.condition.feat_proj.weight)
+    # a last.pt whose optimizer state has other shapes than its model: one error, not a crash in fused Adam
+    last = torch.load(tmp_path / "asen" / "last.pt", weights_only=True)
+    state = next(s for s in last["optimizer"]["state"].values() if s["exp_avg"].dim() == 2)
+    state["exp_avg"] = torch.zeros(3, 3)
+    torch.save(last, tmp_path / "asen" / "last.pt")
+    with pytest.raises(SystemExit, match=r"optimizer state does not fit the model \(its exp_avg is \(3, 3\) for a parameter of \(\d+, \d+\)"):
+        train.main(["--resume", str(tmp_path / "asen" / "last.pt"), "--epochs", "2"])
+    # a run of before the two flags: resumed with 512 and CSN's initialisation, the values it was trained with
+    train.main(common(synth120, tmp_path / "asen512") + ["--epochs", "1", "--method", "asen", "--asen-width", "512"])
+    last = torch.load(tmp_path / "asen512" / "last.pt", weights_only=True)
+    last["args"] = {k: v for k, v in last["args"].items() if k not in ("asen_width", "mask_init", "cls_key")}
+    last["config"] = {k: v for k, v in last["config"].items() if k not in ("asen_width", "mask_init", "cls_key")}
+    torch.save(last, tmp_path / "asen512" / "last.pt")
+    resumed, _ = train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt")])
+    assert resumed.asen_width == 512 and resumed.mask_init == (0.9, 0.7) and resumed.cls_key is True
+    train.main(["--resume", str(tmp_path / "asen512" / "last.pt"), "--epochs", "2"])
+    ckpt = torch.load(tmp_path / "asen512" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["asen_width"] == 512 and ckpt["args"]["mask_init"] == (0.9, 0.7)
+    assert ckpt["config"]["cls_key"] is True
+    with pytest.raises(SystemExit, match="--cls-key"):  # a model flag: a resume with the other value is refused
+        train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt"), "--no-cls-key"])
