@@ -29,7 +29,6 @@ import shutil
 import struct
 import zipfile
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -321,22 +320,17 @@ class ConditionalCrossAttentionBlock(Block):
     output is too, and only the [CLS] row is read out (eq. 7). One query per condition therefore gives the same [CLS]
     output (tests/test_cca.py proves it). Where the paper is silent (our decision): the condition token is normalised
     by the block's norm1 and projected by the block's query weights, like a token; the attention output is added to
-    the [CLS] token, then the block's MLP follows. The keys and values are those of all 1+N tokens, or with
-    cls_key=False of the N patch tokens alone (the paper's K_i in R^{N x D} reads either way)."""
-
-    def __init__(self, dim, num_heads, mlp_ratio, cls_key=True):
-        super().__init__(dim, num_heads, mlp_ratio)
-        self.cls_key = cls_key
+    the [CLS] token, then the block's MLP follows. Keys and values: tokens first_key.. (1 for cfg.cls_key=False: no [CLS])."""
+    first_key = 0
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
-        context = self.norm1(x if self.cls_key else x[:, 1:])
-        cls = x[:, :1] + self.attn(self.norm1(q_c), context=context)  # (B, M, D): eq. 6, residual onto [CLS]
+        cls = x[:, :1] + self.attn(self.norm1(q_c), context=self.norm1(x[:, self.first_key:]))  # eq. 6, residual onto [CLS]
         return cls + self.mlp(self.norm2(cls))
 
     def attention_weights(self, x, q_c):
-        """softmax(Q_c K^T / sqrt(d)) over the keys' tokens: (B, heads, M, 1+N), or (B, heads, M, N) without [CLS]."""
-        return self.attn.weights(self.norm1(q_c), context=self.norm1(x if self.cls_key else x[:, 1:]))
+        """softmax(Q_c K^T / sqrt(d)) over the keys' tokens: (B, heads, M, 1+N), or (B, heads, M, N) from the patches."""
+        return self.attn.weights(self.norm1(q_c), context=self.norm1(x[:, self.first_key:]))
 
 
 class HybridViT(nn.Module):
@@ -401,7 +395,8 @@ class CCA(HybridViT):
     def __init__(self, cfg: CCAConfig):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
-        super().__init__(cfg, partial(ConditionalCrossAttentionBlock, cls_key=cfg.cls_key), ConditionToken)  # q_c of eq. 2/3
+        super().__init__(cfg, ConditionalCrossAttentionBlock, ConditionToken)  # q_c of eq. 2/3
+        self.blocks[-1].first_key = 0 if cfg.cls_key else 1
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""
@@ -421,12 +416,9 @@ class CCA(HybridViT):
 
     @torch.no_grad()
     def attention_maps(self, images, conditions):
-        """(B, heads, N): block L's attention of the condition query over the N patch tokens
-        (the paper's Figure 4). The weights are those of the softmax over the keys' tokens, the
-        [CLS] entry left out where it is one; reshape to (B, heads, grid, grid) for a picture."""
-        x = self.trunk(images)
-        q_c = self.condition(conditions)[:, None]
-        return self.blocks[-1].attention_weights(x, q_c)[:, :, 0, -self.cfg.grid**2:]
+        """(B, heads, N): block L's attention of the condition query over the N patch tokens (the paper's Figure 4), the
+        softmax's weights with a [CLS] entry left out; reshape to (B, heads, grid, grid) for a picture."""
+        return self.blocks[-1].attention_weights(self.trunk(images), self.condition(conditions)[:, None])[:, :, 0, -self.cfg.grid**2:]
 
 
 # -----------------------------------------------------------------------------
