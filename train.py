@@ -54,7 +54,7 @@ RECIPE = dict(arch="vit_r50_b16", epochs=200, batch_size=64, lr=1e-4, margin=0.2
 # and batched in the training process: a loader worker decoding JPEGs would take one of a laptop's few cores. Type-2's
 # table M is drawn from normal(0, 1), not CSN's normal(0.9, 0.7), whose condition tokens start alike, and block L
 # attends over the patch tokens alone: from scratch its heads settle on [CLS] and leave attributes at chance.
-DEMO = dict(arch="tiny", img_size=32, epochs=42, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
+DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_000, lr=2e-4, margin=0.1, trunk_warmup=625, workers=0,
             cache_images=True, eval_every=3, mask_init=(0.0, 1.0), cls_key=False)
 # Defaults that depend on nothing (img_size, num_triplets, compile and TF-CSN's penalties are worked out in resolve).
 GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, flip=True, lr_decay=0.985, weight_decay=0.0,
@@ -117,7 +117,7 @@ def parse_args(argv=None):
                                                                               "(default: yes; synthetic: no, the patch tokens alone)")
     p.add_argument("--pretrained", help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
-    p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 42)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 45)")
     p.add_argument("--batch-size", type=int, help="triplets per step over all ranks (default: 64, the paper; synthetic 32)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: 1e-4, the paper; synthetic 2e-4)")
     p.add_argument("--lr-decay", type=float, help="learning rate factor after each epoch (default: 0.985, ASEN's)")

@@ -279,7 +279,7 @@ def test_bad_flags_and_missing_data_give_clear_errors(synth120, tmp_path):
 def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
     real, demo = train.parse_args(["--data", "fashionai"])[0], train.parse_args([])[0]
     assert (real.arch, real.batch_size, real.lr, real.margin, real.epochs, real.trunk_warmup) == ("vit_r50_b16", 64, 1e-4, 0.2, 200, 0)
-    assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 42, 625)
+    assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 45, 625)
     assert (real.cls_key, demo.cls_key, train.parse_args(["--cls-key"])[0].cls_key) == (True, False, True)
     assert train.parse_args(["--margin", "0.3"])[0].margin == 0.3  # a flag beats either default
 
