@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import evaluate
 import train
 import visualize
-from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, save_backbone
+from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, read_checkpoint, save_backbone
 from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset
 from evaluate import chance_map, embed_split, mean_average_precision, split_map
 from runtime import default_device, device_arg, error_message, fmt_time, number, output_file, output_folder
@@ -191,14 +191,18 @@ def main(argv=None):
     runs = {key: {} for key in [(None, "random")] + grid}  # (variant, name) -> seed -> result
     todo, seconds = [], {}  # (label, out, train.py flags) to train; out -> training seconds
     folder = {(v, seed, name): os.path.join(out_dir, *([v] if v else []), f"seed{seed}", name) for v, name in grid for seed in args.seeds}
-    for seed in args.seeds:
+    for seed in args.seeds:  # a run that finished is scored as it is; one that stopped early goes on from its last.pt
         for v, name in grid:
-            out = folder[v, seed, name]
-            if os.path.isfile(os.path.join(out, "best.pt")):
-                print(f"== {label[v, name]}, seed {seed}: {out}/best.pt exists, not trained again")
+            out, what = folder[v, seed, name], f"{label[v, name]}, seed {seed}"
+            flags = common + METHODS[name][1] + variants[v] + ["--seed", str(seed), "--out-dir", out] + args.train_args
+            done, wanted, last = finished_epochs(out), train.parse_args(flags)[0].epochs, os.path.join(out, "last.pt")
+            if done >= wanted and os.path.isfile(os.path.join(out, "best.pt")):
+                print(f"== {what}: {out} has finished its {done} epochs, not trained again")
+            elif done:
+                print(f"== {what}: {last} stopped after epoch {done} of {wanted}, resumed")
+                todo.append((what, out, flags + ["--resume", last]))
             else:
-                todo.append((f"{label[v, name]}, seed {seed}", out, common + METHODS[name][1] + variants[v] +
-                             ["--seed", str(seed), "--out-dir", out] + args.train_args))
+                todo.append((what, out, flags))
     if args.jobs == 1:
         for what, out, flags in todo:
             print(f"== {what}: training into {out}")
@@ -211,10 +215,10 @@ def main(argv=None):
     for seed in args.seeds:
         for v, name in grid:
             out = folder[v, seed, name]
-            model, ckpt = load_checkpoint(os.path.join(out, "best.pt"), device)
+            model, _ = load_checkpoint(os.path.join(out, "best.pt"), device)
             items, feats = embed_split(model, meta, root, args.split, model.cfg.img_size, device, missing=args.eval_missing)
             r = split_map(items, feats)  # evaluate_split's mAP, with the features kept for the picture
-            runs[v, name][seed] = dict(epochs=ckpt["args"]["epochs"], train_seconds=seconds.get(out), **r)
+            runs[v, name][seed] = dict(epochs=finished_epochs(out), train_seconds=seconds.get(out), **r)
             print(f"{label[v, name]}, seed {seed}: {args.split} total mAP {100 * r['total']:.2f}")
             if seed == args.seeds[0] and v == next(iter(variants)) and name in ("cca2", "triplet"):
                 figure[name] = model, items, feats
@@ -250,6 +254,12 @@ def main(argv=None):
         print(visualize.format_separation(scores))
         print(f"wrote {out_dir}/embeddings.png")
     print(f"wrote {out_dir}/table.md, results.json")
+
+
+def finished_epochs(out):
+    """How many epochs the run in folder `out` has finished, from its last.pt (0 without one)."""
+    last = os.path.join(out, "last.pt")
+    return read_checkpoint(last, ("epoch",))["epoch"] + 1 if os.path.isfile(last) else 0
 
 
 def train_in_parallel(todo, jobs):

@@ -361,10 +361,17 @@ def test_compare_over_two_seeds_prints_mean_and_range_with_a_random_row(synth120
     assert f"**{100 * cca2['total']:.2f} ({100 * min(totals):.2f}-{100 * max(totals):.2f})**" in rows[2][-4]
     assert "mean over 2 seeds (0, 1)" in table and "from scratch" in table
     assert os.path.isfile(tmp_path / "embeddings.png") and "nearest-centroid accuracy" in out
-    # a second call trains nothing: every (method, seed) has its best.pt
+    # a second call trains nothing: every (method, seed) has finished its epochs
     compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "1", "--split", "valid", "--seeds", "1",
                   "--out-dir", str(tmp_path), "--train-args"] + tiny)
-    assert "seed1/triplet/best.pt exists, not trained again" in capsys.readouterr().out
+    assert "seed1/triplet has finished its 1 epochs, not trained again" in capsys.readouterr().out
+    # a run that stopped short of the budget (here: one epoch of two) has a best.pt, but is resumed, not scored as it is
+    compare.main(["--data-root", synth120, "--methods", "triplet", "--epochs", "2", "--split", "valid", "--seeds", "1",
+                  "--out-dir", str(tmp_path), "--train-args"] + tiny)
+    assert "seed1/triplet/last.pt stopped after epoch 1 of 2, resumed" in capsys.readouterr().out
+    last = torch.load(tmp_path / "seed1" / "triplet" / "last.pt", weights_only=True)
+    assert last["epoch"] + 1 == 2 and [h["epoch"] for h in last["history"]] == [0, 1]
+    assert json.load(open(tmp_path / "results.json"))["methods"]["triplet"]["seeds"]["1"]["epochs"] == 2
 
 
 def test_compare_jobs_trains_runs_in_parallel_processes_with_their_logs(synth120, tmp_path, capsys):
