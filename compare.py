@@ -13,8 +13,8 @@ Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with trai
 dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
 test split with evaluate.py's code, adds a row of random embeddings, and prints a table shaped like the paper's
 Table 2: per attribute and in total, the mean over the seeds with the lowest and highest seed in brackets, the
-paper's FashionAI totals beside. A run whose OUT_DIR/seedS/NAME/best.pt exists is not trained again (delete it to
-retrain). Writes OUT_DIR/table.md, OUT_DIR/results.json (every seed's numbers, and the mean, min, max and standard
+paper's FashionAI totals beside. A run whose folder OUT_DIR/seedS/NAME has finished its epochs is not trained again
+(delete the folder to retrain); one that stopped short goes on from its last.pt. Writes OUT_DIR/table.md, OUT_DIR/results.json (every seed's numbers, and the mean, min, max and standard
 deviation) and OUT_DIR/embeddings.png (CCA Type-2 beside the Triplet network for the first seed, the paper's
 Figure 5).
 
