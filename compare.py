@@ -8,6 +8,7 @@ The paper's comparison (Table 2) in miniature: every method on the same backbone
     python compare.py --jobs 15 --device cuda       # 15 trainings at once on one GPU (each a process)
     python compare.py --methods cca2 asen --variant base= --variant m02="--margin 0.2"   # an ablation grid
     python compare.py --jobs 15 --device cuda --train-args --arch mini      # the paper's proportions (cca.py's mini)
+    python compare.py probe runs/compare/seed0/cca2/best.pt                 # what its trunk holds (linear probes)
 
 Trains CCA Type-2, CCA Type-1, TF-CSN, TF-ASEN and the Triplet network with train.py (its defaults for the
 dataset, the same for every method) into OUT_DIR/seedS/NAME for each seed S, scores each best checkpoint on the
@@ -32,6 +33,14 @@ linear classifier on [CLS], and saved in the layout `--pretrained` loads:
 
 Every method then starts from that trunk with --trunk-warmup 0, as on real data; everything else is the same.
 `pretrain` prints its accuracy on a held-out draw (chance: 1/24) and writes it into the file's "source" line.
+
+What a trunk holds, whether or not a method's conditional part reads it out:
+
+    python compare.py probe runs/pretrain/mini.pt runs/compare/seed0/cca2/best.pt
+
+fits a linear classifier per attribute on the frozen shared trunk's output (blocks 1..L-1) of training images, on
+its [CLS] token, on the mean of its patch tokens, and on every token side by side, and prints each one's accuracy
+on other training images beside the most frequent value's share.
 """
 
 import argparse
@@ -54,8 +63,9 @@ import torch.nn.functional as F
 import evaluate
 import train
 import visualize
-from cca import ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, read_checkpoint, save_backbone
-from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset
+from cca import (ARCH_SIZES, METHOD_TITLES, CCAConfig, build_model, count_parameters, load_checkpoint, load_pretrained, read_checkpoint,
+                 save_backbone, torch_load)
+from data import DATASETS, EVAL_MISSING, normalise, prepare_dataset, read_filenames, read_image, read_labels
 from evaluate import chance_map, embed_split, mean_average_precision, split_map
 from runtime import default_device, device_arg, error_message, fmt_time, number, output_file, output_folder
 from synthetic import SHAPE_CLASSES, make_shapes
@@ -136,6 +146,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["pretrain"]:
         return pretrain(argv[1:])
+    if argv[:1] == ["probe"]:
+        return probe(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", choices=[d for d in DATASETS if d != "zappos"], help="an mAP dataset")
     p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
@@ -394,6 +406,92 @@ def pretrain(argv=None):
                                          f"{args.epochs} epochs, seed {args.seed}; held-out accuracy {accuracy:.4f}")
     return dict(accuracy=accuracy, seconds=seconds)
 
+
+
+# -----------------------------------------------------------------------------
+# compare.py probe: what a trunk holds, read by a linear classifier per attribute
+
+PROBES = {"[CLS]": lambda t: t[:, 0], "patch mean": lambda t: t[:, 1:].mean(1), "every token": lambda t: t.flatten(1)}
+
+
+def linear_probe(x_fit, y_fit, x_score, y_score, classes, weight_decay=1e-3, iters=300):
+    """The accuracy on (x_score, y_score) of a softmax regression over `classes` values fit to (x_fit, y_fit): features
+    standardised with the fitting set's mean and deviation, cross-entropy plus weight_decay x the squared weights,
+    minimised by L-BFGS (a convex problem: the fit does not depend on a seed or a learning rate)."""
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    x_fit, x_score = (x_fit - mu) / sd, (x_score - mu) / sd
+    w = torch.zeros(x_fit.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x_fit @ w + b, y_fit) + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((x_score @ w + b).argmax(1) == y_score).float().mean().item()
+
+
+def probe_model(path, device):
+    """A train.py checkpoint's model, or a plain one holding a 'compare.py pretrain' backbone file; in eval mode."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"compare.py probe: no such file: {path}")
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == "cca-backbone":
+        model = build_model(CCAConfig(arch=obj["arch"], num_conditions=1, img_size=obj["img_size"], method="triplet"))
+        load_pretrained(model, path, verbose=False)
+        return model.to(device).eval()
+    return load_checkpoint(path, device)[0]
+
+
+def probe(argv=None):
+    """Linear probes of each model's shared trunk (blocks 1..L-1, frozen): per attribute, a softmax regression on the
+    features of two thirds of a random draw of training images labelled with it, scored on the other third."""
+    p = argparse.ArgumentParser(prog="compare.py probe", description=probe.__doc__)
+    p.add_argument("models", nargs="+", help="train.py checkpoints or 'compare.py pretrain' backbone files")
+    p.add_argument("--data", default="synthetic", choices=[d for d in DATASETS if d != "zappos"], help="an ASEN-format dataset")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/NAME)")
+    p.add_argument("--num-images", type=number(int, 3), default=3000, help="training images drawn (default 3,000)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the draw and of its split")
+    p.add_argument("--device", default=None, type=device_arg, help="cuda or cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    root, meta = prepare_dataset(args.data, args.data_root)
+    names = read_filenames(os.path.join(root, "filenames_train.txt"))
+    rows = read_labels(os.path.join(root, "label_train.txt"), len(names), meta, multi=True)
+    labelled = np.unique(rows[:, 0])
+    drawn = np.random.default_rng(args.seed).permutation(labelled)[:args.num_images]
+    position = {int(f): i for i, f in enumerate(drawn)}
+    device, images, results = default_device(args.device), {}, {}
+    for path in args.models:
+        model = probe_model(path, device)
+        size = model.cfg.img_size
+        if size not in images:  # uint8, as the loader gives them
+            images[size] = torch.stack([read_image(os.path.join(root, names[f]), size) for f in drawn])
+        with torch.no_grad():
+            trunk = torch.cat([model.trunk(normalise(images[size][i:i + 256].to(device))).float().cpu()
+                               for i in range(0, len(drawn), 256)])
+        feats = {name: f(trunk) for name, f in PROBES.items()}
+        results[path] = {name: {} for name in [*PROBES, "most frequent value"]}
+        for a, attr in enumerate(meta["attributes"]):
+            mine = rows[(rows[:, 1] == a) & np.isin(rows[:, 0], drawn)]
+            at, y = torch.as_tensor([position[int(f)] for f in mine[:, 0]]), torch.as_tensor(mine[:, 2])
+            n_fit = 2 * len(at) // 3
+            if n_fit < 10 or len(at) - n_fit < 5:
+                raise ValueError(f"{root}: {len(at)} of the {len(drawn)} images drawn are labelled with {attr}: too few to "
+                                 "probe (raise --num-images)")
+            classes = len(meta["values"][a])
+            for name, x in feats.items():
+                results[path][name][attr] = linear_probe(x[at[:n_fit]], y[:n_fit], x[at[n_fit:]], y[n_fit:], classes)
+            results[path]["most frequent value"][attr] = torch.bincount(y[n_fit:], minlength=classes).max().item() / (len(at) - n_fit)
+        print(f"\n{path} ({model.cfg.arch}, {size} px): linear-probe accuracy in per cent on {len(drawn)} training images "
+              f"of {args.data}, two thirds fit and one third scored per attribute")
+        print(f"| {'features':20s} | " + " | ".join(meta["attributes"]) + " |")
+        for name, accs in results[path].items():
+            print(f"| {name:20s} | " + " | ".join(f"{100 * accs[attr]:.1f}" for attr in meta["attributes"]) + " |")
+    return results
 
 if __name__ == "__main__":
     try:

@@ -124,6 +124,8 @@ def cases(t, s):
         ("--epochs 0", ["compare.py", "--epochs", "0"]), ("--seeds -1", ["compare.py", "--seeds", "-1"]),
         ("--jobs 0", ["compare.py", "--jobs", "0"]), ("--pretrained missing", ["compare.py", "--pretrained", f"{t}/no.pt", "--epochs", "1"]),
         ("--variant without =", ["compare.py", "--variant", "m02"]),
+        ("probe a missing file", ["compare.py", "probe", f"{t}/no.pt", "--data-root", s]),
+        ("probe garbage", ["compare.py", "probe", f"{t}/garbage.pt", "--data-root", s]),
         ("--variant with a bad train.py flag", ["compare.py", "--variant", "x=--margin nope", "--data-root", s, "--out-dir", f"{t}/cmp"]),
         # cca.py
         ("info --img-size 0", ["cca.py", "info", "--img-size", "0"]), ("info -K 0", ["cca.py", "info", "--num-conditions", "0"]),

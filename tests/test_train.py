@@ -775,3 +775,41 @@ def test_mask_init_and_asen_width_reach_the_model_and_the_checkpoint_and_resume_
     assert ckpt["config"]["cls_key"] is True
     with pytest.raises(SystemExit, match="--cls-key"):  # a model flag: a resume with the other value is refused
         train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt"), "--no-cls-key"])
+
+
+def test_linear_probe_reads_what_the_features_hold():
+    import compare
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    held = F.one_hot(y, 3).float() + 0.1 * torch.randn(300, 3, generator=g)  # the value, plus noise: separable
+    noise = torch.randn(300, 8, generator=g)  # nothing of the value
+    assert compare.linear_probe(held[:200], y[:200], held[200:], y[200:], 3) == 1.0
+    assert compare.linear_probe(noise[:200], y[:200], noise[200:], y[200:], 3) < 0.55  # 1/3 expected; 0.55 is 4.7 sd above
+
+
+def test_compare_probe_fits_each_attribute_on_the_trunk_of_a_checkpoint_and_a_backbone(synth, tmp_path, capsys, monkeypatch):
+    import compare
+    from cca import save_backbone
+    torch.manual_seed(0)
+    model = build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method="triplet"))
+    save_backbone(model, str(tmp_path / "trunk.pt"), "a test")
+    seen = []
+    real = compare.linear_probe
+
+    def spy(x_fit, y_fit, x_score, y_score, classes, **kw):
+        seen.append((x_fit.shape, x_score.shape, classes))
+        return real(x_fit, y_fit, x_score, y_score, classes, **kw)
+    monkeypatch.setattr(compare, "linear_probe", spy)
+    results = compare.main(["probe", str(tmp_path / "trunk.pt"), "--data-root", synth, "--num-images", "45", "--device", "cpu"])
+    table = capsys.readouterr().out
+    attrs = ["sleeve_length", "length", "neckline", "colour", "pattern"]
+    assert f"| features             | {' | '.join(attrs)} |" in table
+    accs = results[str(tmp_path / "trunk.pt")]
+    assert list(accs) == ["[CLS]", "patch mean", "every token", "most frequent value"]
+    assert all(list(a) == attrs and all(0 <= v <= 1 for v in a.values()) for a in accs.values())
+    D, tokens = 128, 1 + (32 // 8) ** 2  # tiny: width 128, a 4 x 4 grid and [CLS]
+    widths = [D, D, tokens * D]
+    # every image of the synthetic set carries all five labels: 30 fit, 15 scored, for each attribute and probe
+    assert seen == [((30, w), (15, w), 4 if a != "colour" else 6) for a in attrs for w in widths]
+    with pytest.raises(ValueError, match="labelled with sleeve_length: too few to probe"):
+        compare.main(["probe", str(tmp_path / "trunk.pt"), "--data-root", synth, "--num-images", "12", "--device", "cpu"])  # 8 to fit
