@@ -407,7 +407,6 @@ def pretrain(argv=None):
     return dict(accuracy=accuracy, seconds=seconds)
 
 
-
 # -----------------------------------------------------------------------------
 # compare.py probe: what a trunk holds, read by a linear classifier per attribute
 
@@ -477,7 +476,9 @@ def probe(argv=None):
         results[path] = {name: {} for name in [*PROBES, "most frequent value"]}
         for a, attr in enumerate(meta["attributes"]):
             mine = rows[(rows[:, 1] == a) & np.isin(rows[:, 0], drawn)]
-            at, y = torch.as_tensor([position[int(f)] for f in mine[:, 0]]), torch.as_tensor(mine[:, 2])
+            at = np.array([position[int(f)] for f in mine[:, 0]], dtype=np.int64)
+            order = np.argsort(at)  # in the draw's random order, not the label file's: the split is then random too
+            at, y = torch.as_tensor(at[order]), torch.as_tensor(mine[order, 2])
             n_fit = 2 * len(at) // 3
             if n_fit < 10 or len(at) - n_fit < 5:
                 raise ValueError(f"{root}: {len(at)} of the {len(drawn)} images drawn are labelled with {attr}: too few to "
@@ -492,6 +493,7 @@ def probe(argv=None):
         for name, accs in results[path].items():
             print(f"| {name:20s} | " + " | ".join(f"{100 * accs[attr]:.1f}" for attr in meta["attributes"]) + " |")
     return results
+
 
 if __name__ == "__main__":
     try:
