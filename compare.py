@@ -40,7 +40,9 @@ What a trunk holds, whether or not a method's conditional part reads it out:
 
 fits a linear classifier per attribute on the frozen shared trunk's output (blocks 1..L-1) of training images, on
 its [CLS] token, on the mean of its patch tokens, and on every token side by side, and prints each one's accuracy
-on other training images beside the most frequent value's share.
+on other training images beside the most frequent value's share. For CCA and TF-ASEN it also prints how spread
+out each condition's attention over the patch locations is (block L's query, or TF-ASEN's spatial attention): the
+heaviest location's share of the weight and exp(entropy), the effective number of locations.
 """
 
 import argparse
@@ -434,6 +436,15 @@ def linear_probe(x_fit, y_fit, x_score, y_score, classes, weight_decay=1e-3, ite
         return ((x_score @ w + b).argmax(1) == y_score).float().mean().item()
 
 
+def attention_spread(maps):
+    """(heaviest, effective) of attention maps (..., N) whose last axis sums to 1: the mean over every leading index
+    (images, heads) of the largest weight, and of exp(entropy), the number of equally weighted locations with the same
+    entropy (N for a uniform map, 1 for one location)."""
+    maps = maps.double().flatten(0, -2)
+    entropy = -(maps * maps.clamp_min(1e-30).log()).sum(-1)
+    return maps.max(-1).values.mean().item(), entropy.exp().mean().item()
+
+
 def probe_model(path, device):
     """A train.py checkpoint's model, or a plain one holding a 'compare.py pretrain' backbone file; in eval mode."""
     if not os.path.isfile(path):
@@ -474,6 +485,7 @@ def probe(argv=None):
                                for i in range(0, len(drawn), 256)])
         feats = {name: f(trunk) for name, f in PROBES.items()}
         results[path] = {name: {} for name in [*PROBES, "most frequent value"]}
+        spread = {}  # attribute: (heaviest, effective), for a model whose conditional part attends (CCA, TF-ASEN)
         for a, attr in enumerate(meta["attributes"]):
             mine = rows[(rows[:, 1] == a) & np.isin(rows[:, 0], drawn)]
             at = np.array([position[int(f)] for f in mine[:, 0]], dtype=np.int64)
@@ -487,11 +499,26 @@ def probe(argv=None):
             for name, x in feats.items():
                 results[path][name][attr] = linear_probe(x[at[:n_fit]], y[:n_fit], x[at[n_fit:]], y[n_fit:], classes)
             results[path]["most frequent value"][attr] = torch.bincount(y[n_fit:], minlength=classes).max().item() / (len(at) - n_fit)
+            if model.cfg.method in ("cca", "asen"):  # over every image labelled with the attribute, under its condition
+                with torch.no_grad():
+                    maps = torch.cat([model.attention_maps(normalise(images[size][at[i:i + 256]].to(device)),
+                                                           torch.full((len(at[i:i + 256]),), a, device=device)).float().cpu()
+                                      for i in range(0, len(at), 256)])
+                spread[attr] = attention_spread(maps / maps.sum(-1, keepdim=True))  # [CLS] as a key: its share left out
+        if spread:
+            results[path]["attention: heaviest location"] = {attr: h for attr, (h, _) in spread.items()}
+            results[path]["attention: effective locations"] = {attr: e for attr, (_, e) in spread.items()}
         print(f"\n{path} ({model.cfg.arch}, {size} px): linear-probe accuracy in per cent on {len(drawn)} training images "
               f"of {args.data}, two thirds fit and one third scored per attribute")
         print(f"| {'features':20s} | " + " | ".join(meta["attributes"]) + " |")
         for name, accs in results[path].items():
-            print(f"| {name:20s} | " + " | ".join(f"{100 * accs[attr]:.1f}" for attr in meta["attributes"]) + " |")
+            if not name.startswith("attention"):
+                print(f"| {name:20s} | " + " | ".join(f"{100 * accs[attr]:.1f}" for attr in meta["attributes"]) + " |")
+        if spread:
+            n = model.cfg.grid ** 2
+            print(f"the conditional part's attention (CCA: block L's query; TF-ASEN: its spatial attention) under each condition over the {n} patch locations (uniform: {100 / n:.1f}% each, {n} "
+                  "effective), mean over images and heads: heaviest location in per cent / exp(entropy)")
+            print("| " + " | ".join(f"{attr} {100 * h:.1f} / {e:.1f}" for attr, (h, e) in spread.items()) + " |")
     return results
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -785,6 +786,36 @@ def test_linear_probe_reads_what_the_features_hold():
     noise = torch.randn(300, 8, generator=g)  # nothing of the value
     assert compare.linear_probe(held[:200], y[:200], held[200:], y[200:], 3) == 1.0
     assert compare.linear_probe(noise[:200], y[:200], noise[200:], y[200:], 3) < 0.55  # 1/3 expected; 0.55 is 4.7 sd above
+
+
+def test_attention_spread_against_maps_worked_out_by_hand():
+    import compare
+    uniform, one, half = torch.full((3, 2, 64), 1 / 64), F.one_hot(torch.tensor([5]), 64).double(), torch.zeros(1, 64)
+    half[0, :2] = 0.5
+    assert compare.attention_spread(uniform) == pytest.approx((1 / 64, 64))
+    assert compare.attention_spread(one) == pytest.approx((1.0, 1.0))
+    assert compare.attention_spread(half) == pytest.approx((0.5, 2.0))
+    assert compare.attention_spread(torch.cat([one, half.double()])) == pytest.approx((0.75, 1.5))  # a mean over maps
+
+
+def test_compare_probe_reports_the_attention_spread_of_an_attending_model(synth, tmp_path, capsys, monkeypatch):
+    import compare
+    torch.manual_seed(0)
+    models = {m: build_model(CCAConfig(arch="tiny", num_conditions=5, img_size=32, out_dim=16, method=m, cls_key=False)).eval()
+              for m in ("cca", "csn")}
+    monkeypatch.setattr(compare, "probe_model", lambda path, device: models[os.path.basename(path)])
+    results = compare.main(["probe", "cca", "csn", "--data-root", synth, "--num-images", "45", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "attention" not in str(list(results["csn"]))  # TF-CSN has no attention map: no spread
+    heaviest, effective = results["cca"]["attention: heaviest location"], results["cca"]["attention: effective locations"]
+    assert list(heaviest) == list(effective) == ["sleeve_length", "length", "neckline", "colour", "pattern"]
+    assert all(1 / 16 < heaviest[a] < 1 and 1 < effective[a] < 16 for a in heaviest)  # tiny: a 4 x 4 grid
+    images = torch.stack([compare.read_image(os.path.join(synth, n), 32) for n in compare.read_filenames(os.path.join(synth, "filenames_train.txt"))])
+    drawn = np.random.default_rng(0).permutation(len(images))[:45]  # every synthetic image is labelled with every attribute
+    with torch.no_grad():
+        maps = models["cca"].attention_maps(compare.normalise(images[drawn]), torch.full((45,), 2))  # neckline's
+    assert heaviest["neckline"] == pytest.approx(maps.max(-1).values.mean().item(), rel=1e-5)
+    assert f"neckline {100 * heaviest['neckline']:.1f} / {effective['neckline']:.1f}" in out
 
 
 def test_compare_probe_fits_each_attribute_on_the_trunk_of_a_checkpoint_and_a_backbone(synth, tmp_path, capsys, monkeypatch):
