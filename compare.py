@@ -516,8 +516,9 @@ def probe(argv=None):
                 print(f"| {name:20s} | " + " | ".join(f"{100 * accs[attr]:.1f}" for attr in meta["attributes"]) + " |")
         if spread:
             n = model.cfg.grid ** 2
-            print(f"the conditional part's attention (CCA: block L's query; TF-ASEN: its spatial attention) under each condition over the {n} patch locations (uniform: {100 / n:.1f}% each, {n} "
-                  "effective), mean over images and heads: heaviest location in per cent / exp(entropy)")
+            print(f"the conditional part's attention (CCA: block L's query; TF-ASEN: its spatial attention) under each "
+                  f"condition over the {n} patch locations (uniform: {100 / n:.1f}% each, {n} effective), mean over images "
+                  "and heads: heaviest location in per cent / exp(entropy)")
             print("| " + " | ".join(f"{attr} {100 * h:.1f} / {e:.1f}" for attr, (h, e) in spread.items()) + " |")
     return results
 
