@@ -418,7 +418,11 @@ class CCA(HybridViT):
     def attention_maps(self, images, conditions):
         """(B, heads, N): block L's attention of the condition query over the N patch tokens (the paper's Figure 4), the
         softmax's weights with a [CLS] entry left out; reshape to (B, heads, grid, grid) for a picture."""
-        return self.blocks[-1].attention_weights(self.trunk(images), self.condition(conditions)[:, None])[:, :, 0, -self.cfg.grid**2:]
+        return self.trunk_attention_maps(self.trunk(images), conditions)
+
+    @torch.no_grad()
+    def trunk_attention_maps(self, tokens, conditions):  # the same from the trunk's output (B, 1+N, D)
+        return self.blocks[-1].attention_weights(tokens, self.condition(conditions)[:, None])[:, :, 0, -self.cfg.grid**2:]
 
 
 # -----------------------------------------------------------------------------
@@ -560,7 +564,11 @@ class Baseline(HybridViT):
     @torch.no_grad()
     def attention_maps(self, images, conditions):
         """The part's condition-dependent attention map (TF-ASEN's spatial attention, (B, 1, N)); others have none."""
-        return self.condition.attention_maps(self.features(images), conditions)
+        return self.trunk_attention_maps(self.trunk(images), conditions)
+
+    @torch.no_grad()
+    def trunk_attention_maps(self, tokens, conditions):  # the same from the trunk's output (B, 1+N, D)
+        return self.condition.attention_maps(self.norm(self.blocks[-1](tokens)), conditions)
 
 
 def build_model(cfg: CCAConfig):

@@ -501,8 +501,8 @@ def probe(argv=None):
             results[path]["most frequent value"][attr] = torch.bincount(y[n_fit:], minlength=classes).max().item() / (len(at) - n_fit)
             if model.cfg.method in ("cca", "asen"):  # over every image labelled with the attribute, under its condition
                 with torch.no_grad():
-                    maps = torch.cat([model.attention_maps(normalise(images[size][at[i:i + 256]].to(device)),
-                                                           torch.full((len(at[i:i + 256]),), a, device=device)).float().cpu()
+                    maps = torch.cat([model.trunk_attention_maps(trunk[at[i:i + 256]].to(device),  # the trunk's output, kept
+                                                                 torch.full((len(at[i:i + 256]),), a, device=device)).float().cpu()
                                       for i in range(0, len(at), 256)])
                 spread[attr] = attention_spread(maps / maps.sum(-1, keepdim=True))  # [CLS] as a key: its share left out
         if spread:
