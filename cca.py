@@ -65,6 +65,7 @@ class CCAConfig:
     asen_width: int = 0  # TF-ASEN's joint width; 0: ASEN's 512 at D = 768, scaled with D (ASENAttention)
     mask_init: tuple = (0.9, 0.7)  # (mean, std) of the normal that draws Type-2's M: CSN's
     cls_key: bool = True  # block L's keys and values include [CLS]; False: the N patch tokens alone (docs/DESIGN.md)
+    cls_residual: bool = True  # block L's attention output is added to [CLS] (eq. 1's residual); False: alone, a diagnostic
 
     def __post_init__(self):
         if self.arch not in ARCH_SIZES:
@@ -320,12 +321,14 @@ class ConditionalCrossAttentionBlock(Block):
     output is too, and only the [CLS] row is read out (eq. 7). One query per condition therefore gives the same [CLS]
     output (tests/test_cca.py proves it). Where the paper is silent (our decision): the condition token is normalised
     by the block's norm1 and projected by the block's query weights, like a token; the attention output is added to
-    the [CLS] token, then the block's MLP follows. Keys and values: tokens first_key.. (1 for cfg.cls_key=False: no [CLS])."""
-    first_key = 0
+    the [CLS] token, then the block's MLP follows. Keys and values: tokens first_key.. (1 for cfg.cls_key=False: no [CLS]).
+    cls_residual=False drops the trunk's [CLS] from the residual (not the paper's model: an ablation, docs/LOG.md)."""
+    first_key, cls_residual = 0, True
 
     def forward(self, x, q_c):
         """x: (B, 1+N, D) trunk tokens; q_c: (B, M, D), M conditions per image -> (B, M, D) [CLS] outputs."""
-        cls = x[:, :1] + self.attn(self.norm1(q_c), context=self.norm1(x[:, self.first_key:]))  # eq. 6, residual onto [CLS]
+        cls = self.attn(self.norm1(q_c), context=self.norm1(x[:, self.first_key:]))  # eq. 6
+        cls = x[:, :1] + cls if self.cls_residual else cls  # the residual onto [CLS]
         return cls + self.mlp(self.norm2(cls))
 
     def attention_weights(self, x, q_c):
@@ -396,7 +399,7 @@ class CCA(HybridViT):
         if cfg.method != "cca":
             raise ValueError(f"CCA is method 'cca', the config says {cfg.method!r}: use build_model(cfg)")
         super().__init__(cfg, ConditionalCrossAttentionBlock, ConditionToken)  # q_c of eq. 2/3
-        self.blocks[-1].first_key = 0 if cfg.cls_key else 1
+        self.blocks[-1].first_key, self.blocks[-1].cls_residual = (0 if cfg.cls_key else 1), cfg.cls_residual
 
     def embed_tokens(self, x, q_c):
         """Block L, final norm, head and L2 norm on trunk tokens x for condition tokens q_c (B, M, D)."""

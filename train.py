@@ -59,12 +59,12 @@ DEMO = dict(arch="tiny", img_size=32, epochs=45, batch_size=32, num_triplets=4_0
 # Defaults that depend on nothing (img_size, num_triplets, compile and TF-CSN's penalties are worked out in resolve).
 GENERAL = dict(data="synthetic", method="cca", condition_type=2, out_dim=1024, flip=True, lr_decay=0.985, weight_decay=0.0,
                eval_batch_size=128, eval_missing="error", seed=0, log_every=20, channels_last=False, compile_mode="default",
-               asen_width=0)
+               asen_width=0, cls_residual=True)
 # What a checkpoint written before a flag existed was trained with: --resume takes these where its args lack them.
-BEFORE_FLAGS = dict(asen_width=512, mask_init=(0.9, 0.7), cls_key=True)
+BEFORE_FLAGS = dict(asen_width=512, mask_init=(0.9, 0.7), cls_key=True, cls_residual=True)
 
 # The flags that shape the model: --resume takes them from the checkpoint, and refuses a different value given.
-MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim", "asen_width", "cls_key")
+MODEL_FLAGS = ("arch", "img_size", "method", "condition_type", "out_dim", "asen_width", "cls_key", "cls_residual")
 # What else makes a run the run it is: --resume takes these from the checkpoint too, and refuses a different value, so
 # that a resumed run repeats the uninterrupted one. Everything else (--epochs, --data-root, --out-dir, the system
 # flags) may be given anew; left out, how far the run goes comes from the checkpoint, the system from here, and it
@@ -115,6 +115,8 @@ def parse_args(argv=None):
                                                           "synthetic 0,1)")
     p.add_argument("--cls-key", action=argparse.BooleanOptionalAction, help="block L's keys and values include [CLS] "
                                                                               "(default: yes; synthetic: no, the patch tokens alone)")
+    p.add_argument("--cls-residual", action=argparse.BooleanOptionalAction, help="block L adds its attention output to [CLS] "
+                   "(default: yes, eq. 1's residual; --no-cls-residual: the output alone, an ablation)")
     p.add_argument("--pretrained", help="R50+ViT-B/16 weights: Google .npz, timm .safetensors/.bin/.pth, or a 'cca.py convert' .pt")
     # optimization
     p.add_argument("--epochs", type=int, help="epochs (default: 200; synthetic 45)")
@@ -394,7 +396,7 @@ def build(args, resume, meta, device, rank):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg = CCAConfig(arch=args.arch, num_conditions=K, condition_type=args.condition_type, img_size=args.img_size,
                     out_dim=args.out_dim, method=args.method, asen_width=args.asen_width, mask_init=args.mask_init,
-                    cls_key=args.cls_key)
+                    cls_key=args.cls_key, cls_residual=args.cls_residual)
     model = build_model(cfg)
     if cfg.method == "csn":
         model.condition.embed_reg, model.condition.mask_reg = args.csn_embed_reg, args.csn_mask_reg

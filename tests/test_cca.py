@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")  # key lists of the real checkpoint layouts
 
 
-def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0, cls_key=True):
+def tiny(condition_type=2, num_conditions=5, img_size=64, seed=0, cls_key=True, cls_residual=True):
     torch.manual_seed(seed)
     model = CCA(CCAConfig(arch="tiny", num_conditions=num_conditions, condition_type=condition_type, img_size=img_size, out_dim=32,
-                          cls_key=cls_key))
+                          cls_key=cls_key, cls_residual=cls_residual))
     randomise_norms(model)
     return model.eval()
 
@@ -144,7 +144,7 @@ def condition_token(model, c):
 def eq4_repeated_form(model, x_img, c):
     """The paper's form: q_c repeated to all N+1 positions (eq. 4), full cross-attention (eq. 6),
     residual and MLP on every token, [CLS] read out, FC and l2 (eq. 7). Keys and values of all 1+N tokens, or of
-    the N patch tokens alone where the config says cls_key=False."""
+    the N patch tokens alone where the config says cls_key=False; no residual where it says cls_residual=False."""
     blk, heads = model.blocks[-1], model.cfg.sizes["num_heads"]
     x = model.trunk(x_img)  # (B, 1+N, D)
     B, T, D = x.shape
@@ -155,17 +155,22 @@ def eq4_repeated_form(model, x_img, c):
     k = split_heads(blk.norm1(kv) @ W[D:2 * D].t() + b[D:2 * D], heads)
     v = split_heads(blk.norm1(kv) @ W[2 * D:].t() + b[2 * D:], heads)
     a = naive_attention(q, k, v).permute(0, 2, 1, 3).reshape(B, T, D)
-    y = x + blk.attn.proj(a)
+    y = blk.attn.proj(a) + (x if model.cfg.cls_residual else 0)
     y = y + blk.mlp(blk.norm2(y))
     return F.normalize(model.head(model.norm(y)[:, 0]), dim=-1)
 
 
-@pytest.mark.parametrize("condition_type,cls_key", [(1, True), (2, True), (2, False)])
-def test_single_query_equals_eq4_repeated_query(condition_type, cls_key):
-    model = tiny(condition_type, cls_key=cls_key)
+@pytest.mark.parametrize("condition_type,cls_key,cls_residual", [(1, True, True), (2, True, True), (2, False, True), (2, False, False)])
+def test_single_query_equals_eq4_repeated_query(condition_type, cls_key, cls_residual):
+    model = tiny(condition_type, cls_key=cls_key, cls_residual=cls_residual)
     x, c = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 3, 4])
     with torch.no_grad():
         torch.testing.assert_close(model(x, c), eq4_repeated_form(model, x, c), atol=1e-5, rtol=1e-5)
+        if not cls_residual:  # the same weights with the residual give another embedding: the flag reaches block L
+            model.cls_token.normal_()
+            with_residual = tiny(condition_type, cls_key=cls_key)
+            with_residual.load_state_dict(model.state_dict())
+            assert (model(x, c) - with_residual(x, c)).norm(dim=-1).min() > 1e-2
         if not cls_key:  # the same weights with [CLS] among the keys give another embedding ([CLS] made distinct)
             model.cls_token.normal_()
             with_cls = tiny(condition_type)

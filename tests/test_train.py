@@ -282,6 +282,7 @@ def test_defaults_are_the_recipe_on_real_data_and_the_demo_on_synthetic():
     assert (real.arch, real.batch_size, real.lr, real.margin, real.epochs, real.trunk_warmup) == ("vit_r50_b16", 64, 1e-4, 0.2, 200, 0)
     assert (demo.arch, demo.img_size, demo.lr, demo.margin, demo.epochs, demo.trunk_warmup) == ("tiny", 32, 2e-4, 0.1, 45, 625)
     assert (real.cls_key, demo.cls_key, train.parse_args(["--cls-key"])[0].cls_key) == (True, False, True)
+    assert (real.cls_residual, demo.cls_residual, train.parse_args(["--no-cls-residual"])[0].cls_residual) == (True, True, False)
     assert train.parse_args(["--margin", "0.3"])[0].margin == 0.3  # a flag beats either default
 
 
@@ -765,17 +766,19 @@ def test_mask_init_and_asen_width_reach_the_model_and_the_checkpoint_and_resume_
     # a run of before the two flags: resumed with 512 and CSN's initialisation, the values it was trained with
     train.main(common(synth120, tmp_path / "asen512") + ["--epochs", "1", "--method", "asen", "--asen-width", "512"])
     last = torch.load(tmp_path / "asen512" / "last.pt", weights_only=True)
-    last["args"] = {k: v for k, v in last["args"].items() if k not in ("asen_width", "mask_init", "cls_key")}
-    last["config"] = {k: v for k, v in last["config"].items() if k not in ("asen_width", "mask_init", "cls_key")}
+    last["args"] = {k: v for k, v in last["args"].items() if k not in ("asen_width", "mask_init", "cls_key", "cls_residual")}
+    last["config"] = {k: v for k, v in last["config"].items() if k not in ("asen_width", "mask_init", "cls_key", "cls_residual")}
     torch.save(last, tmp_path / "asen512" / "last.pt")
     resumed, _ = train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt")])
-    assert resumed.asen_width == 512 and resumed.mask_init == (0.9, 0.7) and resumed.cls_key is True
+    assert resumed.asen_width == 512 and resumed.mask_init == (0.9, 0.7) and resumed.cls_key is True and resumed.cls_residual is True
     train.main(["--resume", str(tmp_path / "asen512" / "last.pt"), "--epochs", "2"])
     ckpt = torch.load(tmp_path / "asen512" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["config"]["asen_width"] == 512 and ckpt["args"]["mask_init"] == (0.9, 0.7)
     assert ckpt["config"]["cls_key"] is True
     with pytest.raises(SystemExit, match="--cls-key"):  # a model flag: a resume with the other value is refused
         train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt"), "--no-cls-key"])
+    with pytest.raises(SystemExit, match="--cls-residual"):
+        train.parse_args(["--resume", str(tmp_path / "asen512" / "last.pt"), "--no-cls-residual"])
 
 
 def test_linear_probe_reads_what_the_features_hold():
